@@ -1,0 +1,96 @@
+"""Architectures by name, and the one builder Hydra calls (``ekd_ddnn.models.build_net``).
+
+Depths are data: each full-net is a family plus its per-stage block counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ekd_ddnn.errors import InvalidDepthError, UserError
+from ekd_ddnn.models.base import DepthDynamicNet
+from ekd_ddnn.models.cifar_resnet import cifar_resnet
+from ekd_ddnn.models.imagenet_resnet import imagenet_resnet
+from ekd_ddnn.models.vgg import cifar_vgg
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A registered full-net: its family builder, block counts and default input size."""
+
+    family: str
+    blocks: tuple[int, ...]
+    image_size: int
+    kwargs: dict = field(default_factory=dict)
+
+
+FAMILIES = {"cifar_resnet": cifar_resnet, "imagenet_resnet": imagenet_resnet, "cifar_vgg": cifar_vgg}
+
+ARCHS: dict[str, Arch] = {
+    **{f"cifar_resnet{6 * n + 2}": Arch("cifar_resnet", (n, n, n), 32) for n in (3, 5, 7, 9, 18)},
+    "resnet18": Arch("imagenet_resnet", (2, 2, 2, 2), 224, {"block": "basic"}),
+    "resnet34": Arch("imagenet_resnet", (3, 4, 6, 3), 224, {"block": "basic"}),
+    "resnet50": Arch("imagenet_resnet", (3, 4, 6, 3), 224, {"block": "bottleneck"}),
+    "resnet101": Arch("imagenet_resnet", (3, 4, 23, 3), 224, {"block": "bottleneck"}),
+    "resnet152": Arch("imagenet_resnet", (3, 8, 36, 3), 224, {"block": "bottleneck"}),
+    "cifar_vgg11": Arch("cifar_vgg", (1, 1, 2, 2, 2), 32),
+    "cifar_vgg13": Arch("cifar_vgg", (2, 2, 2, 2, 2), 32),
+    "cifar_vgg16": Arch("cifar_vgg", (2, 2, 3, 3, 3), 32),
+    "cifar_vgg19": Arch("cifar_vgg", (2, 2, 4, 4, 4), 32),
+}
+
+
+def list_archs() -> list[str]:
+    """Names accepted by :func:`build_net`'s ``arch``."""
+    return sorted(ARCHS)
+
+
+def build_net(
+    arch: str,
+    *,
+    blocks: Sequence[int] | None = None,
+    subnets: Sequence[Sequence[int]] = (),
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    weights_path: str | None = None,
+) -> DepthDynamicNet:
+    """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
+
+    ``image_size`` is the input resolution used to report MACs (default: the family's).
+    ``weights_path`` (ImageNet family only) loads a local torchvision state-dict file.
+    """
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
+    spec = ARCHS[arch]
+    blocks = tuple(spec.blocks if blocks is None else blocks)
+    if len(blocks) != len(spec.blocks) or any(int(n) < 1 for n in blocks):
+        raise InvalidDepthError(
+            f"{arch} needs {len(spec.blocks)} stages of at least 1 block each, got {list(blocks)}"
+        )
+    blocks = tuple(int(n) for n in blocks)
+    subnets = [list(map(int, depth)) for depth in subnets]
+    if num_classes < 1:
+        raise UserError(f"num_classes must be at least 1, got {num_classes}")
+    config = {
+        "arch": arch,
+        "blocks": list(blocks),
+        "subnets": subnets,
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "image_size": int(image_size or spec.image_size),
+    }
+    kwargs = dict(spec.kwargs)
+    if weights_path:
+        if spec.family != "imagenet_resnet":
+            raise UserError(f"model.weights_path is for torchvision ResNets, not {arch}")
+        kwargs["weights_path"] = weights_path
+    return FAMILIES[spec.family](
+        blocks=blocks,
+        subnets=subnets,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        config=config,
+        **kwargs,
+    )
