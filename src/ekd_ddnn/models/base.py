@@ -9,6 +9,7 @@ Neural Network", arXiv 2103.00793, Sec. 3.1).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor, nn
 from ekd_ddnn.errors import InvalidDepthError
 
 Depth = tuple[int, ...]
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+_PRIVATE_KEY = re.compile(r"_d\d+$")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
 
 
@@ -62,6 +65,28 @@ class DepthDynamicNet(nn.Module):
             if depth in self.subnets:
                 raise InvalidDepthError(f"sub-net {list(depth)} is listed twice")
             self.subnets.append(depth)
+
+    # ----------------------------------------------------------------- BatchNorm statistics
+    @property
+    def private_bn_stats(self) -> bool:
+        """Whether each depth keeps BatchNorm running statistics of its own."""
+        return self.config.get("bn_stats", "shared") == "private"
+
+    def use_private_bn_stats(self) -> None:
+        """Give every depth its own BatchNorm running statistics (affine weights stay shared).
+
+        The paper shares the statistics; but a BatchNorm layer after the point where two
+        depths diverge sees other inputs per depth, so its shared running statistics mix
+        those distributions and evaluation suffers (slimmable networks, Once-for-All keep
+        them per sub-net). Sub-net ``i``'s statistics are buffers ``running_mean_d<i>`` etc.
+        next to the full-net's ordinary ``running_mean``.
+        """
+        self.config["bn_stats"] = "private"
+        for bn in self.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
+                for i in range(1, len(self.depths)):
+                    for key in BN_STATS:
+                        bn.register_buffer(_stat_key(key, i), bn._buffers[key].clone())
 
     # ----------------------------------------------------------------- depths and names
     @property
@@ -134,10 +159,48 @@ class DepthDynamicNet(nn.Module):
         statistics are updated once per call, not once per depth.)
         """
         depths = [self.check_depth(d) for d in depths]
+        if self.private_bn_stats:
+            missing = [list(d) for d in depths if d not in self.depths]
+            if missing:
+                raise InvalidDepthError(
+                    f"depth {missing[0]} has no BatchNorm statistics of its own in this net "
+                    f"(private BN statistics); run one of {[list(d) for d in self.depths]}"
+                )
         features: list[list[Tensor]] = [[] for _ in depths]
         logits: list[Tensor | None] = [None] * len(depths)
-        self._run_group(self.stem(x), list(range(len(depths))), 0, 0, depths, features, logits)
+        group = list(range(len(depths)))
+        stats = [self.depths.index(d) for d in depths] if self.private_bn_stats else None
+        x = self._run_module(self.stem, x, group, stats)
+        self._run_group(x, group, 0, 0, depths, stats, features, logits)
         return [(lg, f) for lg, f in zip(logits, features, strict=True)]  # type: ignore[misc]
+
+    def _run_module(
+        self, module: nn.Module, x: Tensor, group: list[int], stats: list[int] | None
+    ) -> Tensor:
+        """Run ``module`` once for the depths in ``group`` (which all hold input ``x``).
+
+        With private BN statistics the module's BatchNorm layers use the statistics of the
+        group's first depth, and copy the updated ones to the others: the depths of a group
+        have seen the same inputs, so their statistics are equal, as in separate runs.
+        """
+        if stats is None:
+            return module(x)
+        ids = [stats[i] for i in group]
+        layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [{k: bn._buffers[k] for k in BN_STATS} for bn in layers]
+        for bn in layers:
+            for key in BN_STATS:
+                bn._buffers[key] = bn._buffers[_stat_key(key, ids[0])]
+        try:
+            out = module(x)
+            for bn in layers:
+                for other in ids[1:]:
+                    for key in BN_STATS:
+                        bn._buffers[_stat_key(key, other)].copy_(bn._buffers[key])
+        finally:
+            for bn, buffers in zip(layers, saved, strict=True):
+                bn._buffers.update(buffers)
+        return out
 
     def _run_group(
         self,
@@ -146,6 +209,7 @@ class DepthDynamicNet(nn.Module):
         stage: int,
         block: int,
         depths: list[Depth],
+        stats: list[int] | None,
         features: list[list[Tensor]],
         logits: list[Tensor | None],
     ) -> None:
@@ -159,11 +223,11 @@ class DepthDynamicNet(nn.Module):
                 if not staying:  # the whole group moves on to the next stage together
                     stage, block = stage + 1, 0
                     continue
-                self._run_group(x, leaving, stage + 1, 0, depths, features, logits)
+                self._run_group(x, leaving, stage + 1, 0, depths, stats, features, logits)
                 group = staying
-            x = self.stages[stage][block](x)
+            x = self._run_module(self.stages[stage][block], x, group, stats)
             block += 1
-        out = self.head(x)
+        out = self._run_module(self.head, x, group, stats)
         for i in group:
             logits[i] = out
 
@@ -171,11 +235,17 @@ class DepthDynamicNet(nn.Module):
     def subnet_state_dict(self, depth: Sequence[int]) -> dict[str, Tensor]:
         """This net's state dict restricted to the blocks ``depth`` keeps (same key names)."""
         depth = self.check_depth(depth)
+        stats_id = self.depths.index(depth) if self.private_bn_stats else 0
+        state = self.state_dict()
         kept = {}
-        for key, value in self.state_dict().items():
+        for key, value in state.items():
             parts = key.split(".")
             if parts[0] == "stages" and int(parts[2]) >= depth[int(parts[1])]:
                 continue
+            if _PRIVATE_KEY.search(key):
+                continue
+            if stats_id and parts[-1] in BN_STATS:
+                value = state[_stat_key(key, stats_id)]
             kept[key] = value
         return kept
 
@@ -186,15 +256,25 @@ class DepthDynamicNet(nn.Module):
         ImageNet family); the default is a :class:`DepthDynamicNet` of that depth alone.
         """
         depth = self.check_depth(depth)
+        if self.private_bn_stats and depth not in self.depths:
+            raise InvalidDepthError(
+                f"depth {list(depth)} has no BatchNorm statistics of its own in this net; "
+                f"extract one of {[list(d) for d in self.depths]}"
+            )
         if self._extractor is not None:
             return self._extractor(self, depth)
-        return DepthDynamicNet(
+        net = DepthDynamicNet(
             copy.deepcopy(self.stem),
             [copy.deepcopy(stage[:n]) for stage, n in zip(self.stages, depth, strict=True)],
             copy.deepcopy(self.head),
             namer=self._namer,
-            config={**self.config, "blocks": list(depth), "subnets": []},
+            config={**self.config, "blocks": list(depth), "subnets": [], "bn_stats": "shared"},
         )
+        for module in net.modules():
+            for key in [k for k in module._buffers if _PRIVATE_KEY.search(k)]:
+                del module._buffers[key]
+        net.load_state_dict(self.subnet_state_dict(depth))
+        return net
 
 
 def count_params(module: nn.Module) -> int:
@@ -219,3 +299,8 @@ def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
         module(x)
     module.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def _stat_key(key: str, depth_id: int) -> str:
+    """The buffer holding depth ``depth_id``'s copy of BatchNorm buffer ``key``."""
+    return key if depth_id == 0 else f"{key}_d{depth_id}"

@@ -22,22 +22,23 @@ class Arch:
     family: str
     blocks: tuple[int, ...]
     image_size: int
+    num_classes: int
     kwargs: dict = field(default_factory=dict)
 
 
 FAMILIES = {"cifar_resnet": cifar_resnet, "imagenet_resnet": imagenet_resnet, "cifar_vgg": cifar_vgg}
 
 ARCHS: dict[str, Arch] = {
-    **{f"cifar_resnet{6 * n + 2}": Arch("cifar_resnet", (n, n, n), 32) for n in (3, 5, 7, 9, 18)},
-    "resnet18": Arch("imagenet_resnet", (2, 2, 2, 2), 224, {"block": "basic"}),
-    "resnet34": Arch("imagenet_resnet", (3, 4, 6, 3), 224, {"block": "basic"}),
-    "resnet50": Arch("imagenet_resnet", (3, 4, 6, 3), 224, {"block": "bottleneck"}),
-    "resnet101": Arch("imagenet_resnet", (3, 4, 23, 3), 224, {"block": "bottleneck"}),
-    "resnet152": Arch("imagenet_resnet", (3, 8, 36, 3), 224, {"block": "bottleneck"}),
-    "cifar_vgg11": Arch("cifar_vgg", (1, 1, 2, 2, 2), 32),
-    "cifar_vgg13": Arch("cifar_vgg", (2, 2, 2, 2, 2), 32),
-    "cifar_vgg16": Arch("cifar_vgg", (2, 2, 3, 3, 3), 32),
-    "cifar_vgg19": Arch("cifar_vgg", (2, 2, 4, 4, 4), 32),
+    **{f"cifar_resnet{6 * n + 2}": Arch("cifar_resnet", (n, n, n), 32, 10) for n in (3, 5, 7, 9, 18)},
+    "resnet18": Arch("imagenet_resnet", (2, 2, 2, 2), 224, 1000, {"block": "basic"}),
+    "resnet34": Arch("imagenet_resnet", (3, 4, 6, 3), 224, 1000, {"block": "basic"}),
+    "resnet50": Arch("imagenet_resnet", (3, 4, 6, 3), 224, 1000, {"block": "bottleneck"}),
+    "resnet101": Arch("imagenet_resnet", (3, 4, 23, 3), 224, 1000, {"block": "bottleneck"}),
+    "resnet152": Arch("imagenet_resnet", (3, 8, 36, 3), 224, 1000, {"block": "bottleneck"}),
+    "cifar_vgg11": Arch("cifar_vgg", (1, 1, 2, 2, 2), 32, 10),
+    "cifar_vgg13": Arch("cifar_vgg", (2, 2, 2, 2, 2), 32, 10),
+    "cifar_vgg16": Arch("cifar_vgg", (2, 2, 3, 3, 3), 32, 10),
+    "cifar_vgg19": Arch("cifar_vgg", (2, 2, 4, 4, 4), 32, 10),
 }
 
 
@@ -51,15 +52,19 @@ def build_net(
     *,
     blocks: Sequence[int] | None = None,
     subnets: Sequence[Sequence[int]] = (),
-    num_classes: int = 10,
+    num_classes: int | None = None,
     in_channels: int = 3,
     image_size: int | None = None,
     weights_path: str | None = None,
+    bn_stats: str = "shared",
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
 
-    ``image_size`` is the input resolution used to report MACs (default: the family's).
+    ``num_classes`` and ``image_size`` (the input resolution MACs are reported at) default to
+    the architecture's dataset (10 classes at 32x32 for CIFAR nets, 1000 at 224x224).
     ``weights_path`` (ImageNet family only) loads a local torchvision state-dict file.
+    ``bn_stats``: ``shared`` (the paper) or ``private`` BatchNorm running statistics per
+    depth (see :meth:`DepthDynamicNet.use_private_bn_stats`).
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
@@ -71,6 +76,9 @@ def build_net(
         )
     blocks = tuple(int(n) for n in blocks)
     subnets = [list(map(int, depth)) for depth in subnets]
+    num_classes = spec.num_classes if num_classes is None else num_classes
+    if bn_stats not in ("shared", "private"):
+        raise UserError(f"model.bn_stats must be 'shared' or 'private', got {bn_stats!r}")
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     config = {
@@ -86,7 +94,7 @@ def build_net(
         if spec.family != "imagenet_resnet":
             raise UserError(f"model.weights_path is for torchvision ResNets, not {arch}")
         kwargs["weights_path"] = weights_path
-    return FAMILIES[spec.family](
+    net = FAMILIES[spec.family](
         blocks=blocks,
         subnets=subnets,
         num_classes=num_classes,
@@ -94,3 +102,6 @@ def build_net(
         config=config,
         **kwargs,
     )
+    if bn_stats == "private":
+        net.use_private_bn_stats()
+    return net

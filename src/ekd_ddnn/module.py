@@ -1,0 +1,140 @@
+"""EKDModule: joins a depth-dynamic network, the EKD loss and Lightning.
+
+``training_step`` runs every depth on the batch through the shared prefix tree and minimises
+the EKD loss; validation and test evaluate every depth in the same single pass, with one
+torchmetrics collection (top-1, top-5) per depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import DepthDynamicNet
+from ekd_ddnn.optim import param_groups
+
+SPLITS = ("val", "test")
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    """Top-1 and top-5 accuracy (top-k capped at the class count), micro-averaged."""
+    return MetricCollection(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        }
+    )
+
+
+class EKDModule(L.LightningModule):
+    """Train a DDNN with EKD (or its baselines) and evaluate each of its depths.
+
+    Args:
+        net: the depth-dynamic network; its full depth and sub-nets are what is trained.
+        loss: the objective; ``mode="individual"`` trains the full depth alone.
+        optimizer: a partial taking parameter groups (Hydra ``_partial_: true``).
+        scheduler: a partial taking ``(optimizer, total_steps=, steps_per_epoch=)``, or None.
+        no_weight_decay_bn_bias: exempt BatchNorm and bias parameters from weight decay.
+        config: the resolved run configuration, stored in checkpoints for reference.
+
+    Metric keys: ``train/loss``, ``train/{ce,kl,mse}/<net>`` (for the full-net ``kl``/``mse``
+    are the ensemble terms), ``{val,test}/{top1,top5,top1_err,top5_err}/<net>`` in percent, and
+    ``{val,test}/top1_err/mean`` over the depths (the default checkpoint monitor).
+    """
+
+    def __init__(
+        self,
+        net: DepthDynamicNet,
+        loss: EKDLoss,
+        optimizer: Callable[..., Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        *,
+        no_weight_decay_bn_bias: bool = False,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.no_weight_decay_bn_bias = no_weight_decay_bn_bias
+        self.depths = [net.full_depth] if loss.mode == "individual" else net.depths
+        self.names = [net.name_of(depth) for depth in self.depths]
+        self.save_hyperparameters(
+            {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
+        )
+        num_classes = net.config["num_classes"]
+        self.metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict({name: accuracy_metrics(num_classes) for name in self.names})
+                for split in SPLITS
+            }
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Logits of every trained depth, full-net first."""
+        return [logits for logits, _ in self.net.forward_depths(x, self.depths)]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        outputs = self.net.forward_depths(x, self.depths)
+        terms = self.loss([o[0] for o in outputs], [o[1] for o in outputs], y)
+        logs = {"train/loss": terms.total}
+        for name, ce, kl, mse in zip(self.names, terms.ce, terms.kl, terms.mse, strict=True):
+            logs[f"train/ce/{name}"] = ce
+            if kl is not None:
+                logs[f"train/kl/{name}"] = kl
+            if mse is not None:
+                logs[f"train/mse/{name}"] = mse
+        self.log_dict(logs, batch_size=len(y))
+        self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
+        return terms.total
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        x, y = batch
+        for name, logits in zip(self.names, self(x), strict=True):
+            self.metrics[split][name].update(logits, y)
+
+    def _log_epoch(self, split: str) -> None:
+        """Compute (synced across ranks by torchmetrics), log and reset every depth's metrics."""
+        errors = []
+        for name, metrics in self.metrics[split].items():
+            values = metrics.compute()
+            metrics.reset()
+            for key in ("top1", "top5"):
+                acc = 100.0 * values[key]
+                self.log(f"{split}/{key}/{name}", acc)
+                self.log(f"{split}/{key}_err/{name}", 100.0 - acc)
+            errors.append(100.0 - 100.0 * values["top1"])
+        self.log(f"{split}/top1_err/mean", torch.stack(errors).mean(), prog_bar=split == "val")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def configure_optimizers(self) -> dict:
+        groups = param_groups(self.net, no_weight_decay_bn_bias=self.no_weight_decay_bn_bias)
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

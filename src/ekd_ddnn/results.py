@@ -1,0 +1,86 @@
+"""The per-depth results table: one row per depth with size, cost and errors.
+
+Written as ``results.json`` (a list of objects, full-net first) and ``results.md`` in a run
+directory; DESIGN section 5 fixes the keys users script against.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ekd_ddnn.models import DepthDynamicNet, count_macs, count_params
+
+
+def depth_rows(net: DepthDynamicNet, depths: Sequence[Sequence[int]] | None = None) -> list[dict]:
+    """Name, blocks, standalone params and MACs (one image at the net's input size) per depth."""
+    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+    rows = []
+    for depth in net.depths if depths is None else depths:
+        standalone = net.extract(depth)
+        rows.append(
+            {
+                "name": net.name_of(depth),
+                "blocks": list(depth),
+                "params": count_params(standalone),
+                "macs": count_macs(standalone, shape),
+            }
+        )
+    return rows
+
+
+def add_errors(rows: list[dict], metrics: Mapping[str, float], split: str) -> list[dict]:
+    """Fill ``top1_err`` / ``top5_err`` (percent) from logged ``<split>/top*_err/<name>``."""
+    for row in rows:
+        for key in ("top1_err", "top5_err"):
+            value = metrics.get(f"{split}/{key}/{row['name']}")
+            row[key] = None if value is None else round(float(value), 4)
+        row["split"] = split
+    return rows
+
+
+def format_params(n: int) -> str:
+    """``25.6M``; two decimals below one million (``0.27M``)."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e6:.2f}M"
+
+
+def format_macs(n: int) -> str:
+    """``4.09G``; in millions below 0.1 G (``40.6M``)."""
+    return f"{n / 1e9:.2f}G" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
+COLUMNS = {  # key -> (header, formatter)
+    "name": ("net", str),
+    "blocks": ("blocks", lambda b: "[" + ",".join(map(str, b)) + "]"),
+    "params": ("params", format_params),
+    "macs": ("MACs", format_macs),
+    "top1_err": ("top-1 err %", lambda v: "-" if v is None else f"{v:.2f}"),
+    "top5_err": ("top-5 err %", lambda v: "-" if v is None else f"{v:.2f}"),
+    "latency_ms": ("latency ms", lambda v: f"{v:.2f}"),
+    "throughput": ("img/s", lambda v: f"{v:.0f}"),
+}
+
+
+def format_table(rows: Sequence[Mapping]) -> str:
+    """A Markdown table of the columns present in ``rows``."""
+    keys = [k for k in COLUMNS if rows and k in rows[0]]
+    lines = [
+        "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
+        "|" + "|".join("---" for _ in keys) + "|",
+    ]
+    lines += ["| " + " | ".join(COLUMNS[k][1](row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[Mapping], out_dir: str | Path, title: str = "") -> Path:
+    """Write ``results.json`` and ``results.md`` into ``out_dir``; return the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(list(rows), indent=2) + "\n")
+    split = rows[0].get("split") if rows else None
+    header = f"# {title}\n\n" if title else ""
+    note = f"\nErrors on the {split} split.\n" if split else ""
+    (out_dir / "results.md").write_text(header + format_table(rows) + "\n" + note)
+    return path
