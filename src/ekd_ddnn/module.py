@@ -135,6 +135,11 @@ class EKDModule(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
+        per_epoch = max(
+            1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches
+        )
         scheduler = self.scheduler_factory(optimizer, total_steps=total, steps_per_epoch=per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -72,4 +72,6 @@ def multistep(
     """Step decay at fractions of training, with linear warm-up (``scheduler=multistep``)."""
     warmup = round(warmup_epochs * steps_per_epoch)
     milestones = list(milestones)
-    return LambdaLR(optimizer, lambda s: multistep_factor(s, total_steps, milestones, gamma, warmup))
+    return LambdaLR(
+        optimizer, lambda s: multistep_factor(s, total_steps, milestones, gamma, warmup)
+    )

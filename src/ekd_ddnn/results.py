@@ -45,9 +45,9 @@ def format_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e6:.2f}M"
 
 
-def format_macs(n: int) -> str:
-    """``4.09G``; in millions below 0.1 G (``40.6M``)."""
-    return f"{n / 1e9:.2f}G" if n >= 1e8 else f"{n / 1e6:.1f}M"
+def format_macs(n: int, unit: str = "G") -> str:
+    """``4.09G`` (unit ``G``) or ``40.6M`` (unit ``M``)."""
+    return f"{n / 1e9:.2f}G" if unit == "G" else f"{n / 1e6:.1f}M"
 
 
 COLUMNS = {  # key -> (header, formatter)
@@ -65,11 +65,14 @@ COLUMNS = {  # key -> (header, formatter)
 def format_table(rows: Sequence[Mapping]) -> str:
     """A Markdown table of the columns present in ``rows``."""
     keys = [k for k in COLUMNS if rows and k in rows[0]]
+    # one MACs unit per table: G where the largest net reaches 1 GMAC, else M
+    unit = "G" if rows and "macs" in rows[0] and max(r["macs"] for r in rows) >= 1e9 else "M"
+    formatters = {**{k: f for k, (_, f) in COLUMNS.items()}, "macs": lambda n: format_macs(n, unit)}
     lines = [
         "| " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
         "|" + "|".join("---" for _ in keys) + "|",
     ]
-    lines += ["| " + " | ".join(COLUMNS[k][1](row[k]) for k in keys) + " |" for row in rows]
+    lines += ["| " + " | ".join(formatters[k](row[k]) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
 
 

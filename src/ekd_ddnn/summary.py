@@ -6,9 +6,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import report_user_errors
 from ekd_ddnn.results import depth_rows, format_table
-from ekd_ddnn.train import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="summary")

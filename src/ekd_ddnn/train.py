@@ -14,11 +14,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import report_user_errors
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -48,7 +47,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=instantiate_all(cfg.get("callbacks")),
+        logger=instantiate_all(cfg.get("logger")),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

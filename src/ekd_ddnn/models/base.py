@@ -113,9 +113,10 @@ class DepthDynamicNet(nn.Module):
             for depth, name in zip(self.depths, self.names, strict=True):
                 if name == name_or_blocks:
                     return depth
+            known = zip(self.names, self.depths, strict=True)
             raise InvalidDepthError(
                 f"this net has no depth named {name_or_blocks!r}; its depths are "
-                f"{', '.join(f'{n} {list(d)}' for n, d in zip(self.names, self.depths, strict=True))}"
+                + ", ".join(f"{name} {list(depth)}" for name, depth in known)
             )
         return self.check_depth(name_or_blocks)
 

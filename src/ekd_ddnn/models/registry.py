@@ -26,10 +26,17 @@ class Arch:
     kwargs: dict = field(default_factory=dict)
 
 
-FAMILIES = {"cifar_resnet": cifar_resnet, "imagenet_resnet": imagenet_resnet, "cifar_vgg": cifar_vgg}
+FAMILIES = {
+    "cifar_resnet": cifar_resnet,
+    "imagenet_resnet": imagenet_resnet,
+    "cifar_vgg": cifar_vgg,
+}
 
 ARCHS: dict[str, Arch] = {
-    **{f"cifar_resnet{6 * n + 2}": Arch("cifar_resnet", (n, n, n), 32, 10) for n in (3, 5, 7, 9, 18)},
+    **{
+        f"cifar_resnet{6 * n + 2}": Arch("cifar_resnet", (n, n, n), 32, 10)
+        for n in (3, 5, 7, 9, 18)
+    },
     "resnet18": Arch("imagenet_resnet", (2, 2, 2, 2), 224, 1000, {"block": "basic"}),
     "resnet34": Arch("imagenet_resnet", (3, 4, 6, 3), 224, 1000, {"block": "basic"}),
     "resnet50": Arch("imagenet_resnet", (3, 4, 6, 3), 224, 1000, {"block": "bottleneck"}),
@@ -75,7 +82,6 @@ def build_net(
             f"{arch} needs {len(spec.blocks)} stages of at least 1 block each, got {list(blocks)}"
         )
     blocks = tuple(int(n) for n in blocks)
-    subnets = [list(map(int, depth)) for depth in subnets]
     num_classes = spec.num_classes if num_classes is None else num_classes
     if bn_stats not in ("shared", "private"):
         raise UserError(f"model.bn_stats must be 'shared' or 'private', got {bn_stats!r}")
@@ -84,10 +90,11 @@ def build_net(
     config = {
         "arch": arch,
         "blocks": list(blocks),
-        "subnets": subnets,
+        "subnets": [],  # filled in once the net has validated them
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
         "image_size": int(image_size or spec.image_size),
+        "bn_stats": bn_stats,
     }
     kwargs = dict(spec.kwargs)
     if weights_path:
@@ -102,6 +109,7 @@ def build_net(
         config=config,
         **kwargs,
     )
+    net.config["subnets"] = [list(depth) for depth in net.subnets]
     if bn_stats == "private":
         net.use_private_bn_stats()
     return net

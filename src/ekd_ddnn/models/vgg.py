@@ -50,7 +50,9 @@ def cifar_vgg(
         stages.append(nn.Sequential(*stage))
         channels = width
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
-    net = DepthDynamicNet(nn.Identity(), stages, head, subnets=subnets, namer=vgg_name, config=config)
+    net = DepthDynamicNet(
+        nn.Identity(), stages, head, subnets=subnets, namer=vgg_name, config=config
+    )
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,0 +1,161 @@
+"""The EKD loss terms against hand computations, and which side each term moves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.losses import EKDLoss, attention_map, attention_mse, distill_kl
+
+
+def test_attention_map_by_hand():
+    """A = sum over channels, flattened, divided by its L2 norm per sample."""
+    feature = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # (1, 2, 1, 2)
+    expected = torch.tensor([[4.0, 6.0]]) / math.sqrt(16 + 36)
+    torch.testing.assert_close(attention_map(feature), expected)
+
+
+def test_distill_kl_by_hand():
+    """KL(p_t || softmax(s)) for p_t = [.5, .5] and q = [.25, .75]; T^2 scaling at T = 2."""
+    teacher = torch.tensor([[0.5, 0.5]])
+    student = torch.tensor([[0.0, math.log(3.0)]])
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert distill_kl(teacher, student).item() == pytest.approx(expected, rel=1e-6)
+    # T = 2: q = softmax([0, ln 3] / 2) = [1, sqrt 3] / (1 + sqrt 3); KL scaled by 4
+    q = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
+    expected_t2 = 4 * sum(0.5 * math.log(0.5 / qi) for qi in q)
+    assert distill_kl(teacher, student, 2.0).item() == pytest.approx(expected_t2, rel=1e-6)
+
+
+def test_attention_mse_is_mean_over_stages():
+    """MSE per stage (mean over batch and positions), then mean over stages."""
+    s = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 2.0]])]
+    t = [torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0]])]
+    assert attention_mse(s, t).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def _softmax(row):
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def _kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def _norm_map(feature):  # feature: C x positions (one sample)
+    summed = [sum(col) for col in zip(*feature, strict=True)]
+    n = math.sqrt(sum(v * v for v in summed))
+    return [v / n for v in summed]
+
+
+def test_ekd_total_by_hand():
+    """K = 2, batch 1, one stage: every term and the total, from plain-Python formulas."""
+    logits = [[2.0, 0.0, -1.0], [1.0, 1.0, 0.0], [0.0, 0.5, 0.2]]
+    feats = [  # one sample, 2 channels x 3 positions each
+        [[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]],
+        [[0.5, 0.0, 1.0], [1.0, 1.0, 0.0]],
+        [[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]],
+    ]
+    target = 1
+    w, a = 0.7, 30.0
+    loss = EKDLoss(mode="ekd", w=w, a=a)
+    terms = loss(
+        [torch.tensor([lg]) for lg in logits],
+        [[torch.tensor([f]).unsqueeze(-2)] for f in feats],  # (1, C, 1, 3)
+        torch.tensor([target]),
+    )
+    probs = [_softmax(lg) for lg in logits]
+    ce = [-math.log(p[target]) for p in probs]
+    p_et = [sum(col) / 3 for col in zip(*probs, strict=True)]
+    kl = [_kl(p_et, probs[0]), _kl(probs[0], probs[1]), _kl(probs[0], probs[2])]
+    maps = [_norm_map(f) for f in feats]
+    a_et = [sum(col) / 3 for col in zip(*maps, strict=True)]
+    mse = lambda u, v: sum((x - y) ** 2 for x, y in zip(u, v, strict=True)) / len(u)  # noqa: E731
+    mses = [mse(maps[0], a_et), mse(maps[1], maps[0]), mse(maps[2], maps[0])]
+    total = ce[0] + (ce[1] + ce[2]) / 2 + w / 3 * sum(kl) + a / 3 * sum(mses)
+    for got, want in zip(terms.ce + terms.kl + terms.mse, ce + kl + mses, strict=True):
+        assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert terms.total.item() == pytest.approx(total, rel=1e-5)
+
+
+def _outputs(k=2, classes=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(4, classes, generator=gen, requires_grad=True) for _ in range(k + 1)]
+    feats = [
+        [torch.randn(4, 3, 4, 4, generator=gen, requires_grad=True) for _ in range(2)]
+        for _ in range(k + 1)
+    ]
+    return logits, feats, torch.randint(classes, (4,), generator=gen)
+
+
+def _grads(tensors):
+    return [t.grad is not None and bool(t.grad.abs().sum() > 0) for t in tensors]
+
+
+def test_student_terms_do_not_move_the_teacher():
+    """KL_k and MSE_k give gradients to sub-net k only; the ensemble terms to the full-net."""
+    for term in ("kl", "mse"):
+        for index, movers in ((1, [False, True, False]), (0, [True, False, False])):
+            logits, feats, y = _outputs()
+            terms = EKDLoss()(logits, feats, y)
+            getattr(terms, term)[index].backward()
+            tensors = logits if term == "kl" else [f[0] for f in feats]
+            assert _grads(tensors) == movers, (term, index)
+
+
+def test_individual_is_plain_cross_entropy():
+    """Mode individual: the total is F.cross_entropy of the one net, no other terms."""
+    logits, feats, y = _outputs(k=0)
+    terms = EKDLoss(mode="individual")(logits, feats, y)
+    torch.testing.assert_close(terms.total, F.cross_entropy(logits[0], y))
+    assert terms.kl == [None] and terms.mse == [None]
+
+
+def test_ddnn_is_cross_entropy_of_every_depth():
+    """Mode ddnn: CE_t + mean of the sub-nets' CE; no distillation terms computed."""
+    logits, feats, y = _outputs(k=3)
+    terms = EKDLoss(mode="ddnn")(logits, feats, y)
+    ce = [F.cross_entropy(lg, y) for lg in logits]
+    torch.testing.assert_close(terms.total, ce[0] + (ce[1] + ce[2] + ce[3]) / 3)
+    assert terms.kl == [None] * 4 and terms.mse == [None] * 4
+
+
+def test_ensemble_switch_and_zero_weights():
+    """ensemble=False drops KL_t and MSE_t; w = a = 0 makes ekd equal ddnn."""
+    logits, feats, y = _outputs()
+    full = EKDLoss()(logits, feats, y)
+    ablated = EKDLoss(ensemble=False)(logits, feats, y)
+    assert ablated.kl[0] is None and ablated.mse[0] is None
+    expected = full.total - 1.0 / 3 * full.kl[0] - 100.0 / 3 * full.mse[0]
+    torch.testing.assert_close(ablated.total, expected)
+    zero = EKDLoss(w=0, a=0)(logits, feats, y)
+    torch.testing.assert_close(zero.total, EKDLoss(mode="ddnn")(logits, feats, y).total)
+
+
+def test_k0_ekd_equals_cross_entropy():
+    """With no sub-nets the ensemble is the full-net itself: EKD reduces to CE."""
+    logits, feats, y = _outputs(k=0)
+    terms = EKDLoss()(logits, feats, y)
+    torch.testing.assert_close(terms.total, F.cross_entropy(logits[0], y))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"w": -1.0}, "ekd.w and ekd.a must be >= 0 (got w=-1.0, a=100.0)"),
+        ({"a": -0.5}, "ekd.w and ekd.a must be >= 0"),
+        ({"temperature": 0.0}, "ekd.temperature must be > 0, got 0.0"),
+        ({"w": "high"}, "ekd.w must be a number, got 'high'"),
+        ({"mode": "kd"}, "unknown ekd.mode 'kd'; choose one of individual, ddnn, ekd"),
+    ],
+)
+def test_invalid_settings(kwargs, message):
+    """Bad settings are user errors with the fix in the message."""
+    with pytest.raises(UserError) as info:
+        EKDLoss(**kwargs)
+    assert message in str(info.value)

@@ -1,0 +1,281 @@
+"""Depth-dynamic networks: sizes against the paper and torchvision, extraction, the shared
+prefix tree against separate runs, names, and invalid depths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from ekd_ddnn.errors import InvalidDepthError, UserError
+from ekd_ddnn.models import build_net, count_macs, count_params, list_archs
+
+# DESIGN section 2 / the paper's Table 2: ResNet-50 sub-nets as standalone nets (params, M).
+TABLE2 = {
+    (2, 2, 2, 2): ("resnet26", 16.0),
+    (2, 3, 3, 2): ("resnet32", 17.4),
+    (3, 3, 3, 3): ("resnet38", 21.9),
+    (3, 4, 4, 2): ("resnet41", 18.9),
+    (3, 4, 4, 3): ("resnet44", 23.3),
+    (3, 4, 6, 3): ("resnet50", 25.6),
+}
+
+# (arch, sub-nets, input size) for the family-parametrised tests; small inputs keep them fast.
+FAMILIES = [
+    ("cifar_resnet20", [[2, 2, 2], [1, 3, 1], [3, 1, 2]], 16),
+    ("cifar_vgg16", [[1, 1, 2, 2, 2], [2, 1, 3, 1, 3]], 32),
+    ("resnet34", [[2, 2, 2, 2], [3, 4, 2, 1]], 64),
+    ("resnet50", [[3, 4, 4, 3], [3, 3, 3, 3]], 64),
+]
+
+
+def test_table2_params_match_paper():
+    """Standalone params of every Table-2 depth match the paper to 0.1M."""
+    net = build_net("resnet50", subnets=[d for d in TABLE2 if d != (3, 4, 6, 3)])
+    for depth, (name, params_m) in TABLE2.items():
+        assert net.name_of(depth) == name
+        assert abs(count_params(net.extract(depth)) / 1e6 - params_m) < 0.05 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("arch", "builder", "depth"),
+    [
+        ("resnet34", torchvision.models.resnet18, (2, 2, 2, 2)),
+        ("resnet34", torchvision.models.resnet34, (3, 4, 6, 3)),
+        ("resnet50", torchvision.models.resnet50, (3, 4, 6, 3)),
+    ],
+)
+def test_params_and_macs_equal_torchvision(arch, builder, depth):
+    """Where torchvision has the net, params are equal exactly and MACs too."""
+    net = build_net(arch, subnets=[depth] if depth != (3, 4, 6, 3) else [])
+    ours = net.extract(depth)
+    ref = builder()
+    assert count_params(ours) == count_params(ref)
+    assert count_macs(ours, (3, 224, 224)) == count_macs(ref, (3, 224, 224))
+
+
+def test_resnet50_macs_torch_counter():
+    """torch's flop counter gives 4.09 GMACs for ResNet-50 (DESIGN: paper 3.8, torch 4.1)."""
+    macs = count_macs(torchvision.models.resnet50(), (3, 224, 224))
+    assert round(macs / 1e9, 1) == 4.1
+
+
+def test_cifar_resnet_params_by_hand():
+    """ResNet-20 with 1x1 projection shortcuts: conv/BN/fc params counted by hand."""
+    conv = lambda i, o, k=3: i * o * k * k  # noqa: E731
+    bn = lambda c: 2 * c  # noqa: E731
+    stem = conv(3, 16) + bn(16)
+    block = lambda c: 2 * (conv(c, c) + bn(c))  # noqa: E731
+    down = lambda i, o: conv(i, o) + bn(o) + conv(o, o) + bn(o) + conv(i, o, 1) + bn(o)  # noqa: E731
+    total = stem + 3 * block(16) + down(16, 32) + 2 * block(32) + down(32, 64) + 2 * block(64)
+    total += 64 * 10 + 10
+    assert count_params(build_net("cifar_resnet20")) == total
+
+
+def test_resnet18_extracted_from_resnet34_loads_into_torchvision():
+    """[2,2,2,2] of a ResNet-34 DDNN loads strictly into resnet18() and gives equal logits."""
+    torch.manual_seed(0)
+    net = build_net("resnet34", subnets=[[2, 2, 2, 2]], num_classes=7).eval()
+    ref = torchvision.models.resnet18(num_classes=7)
+    ref.load_state_dict(net.extract([2, 2, 2, 2]).state_dict(), strict=True)
+    ref.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x, [2, 2, 2, 2])[0], ref(x))
+
+
+@pytest.mark.parametrize(("arch", "subnets", "size"), FAMILIES)
+def test_extracted_net_equals_ddnn_depth(arch, subnets, size):
+    """Every depth extracted holds only its blocks and reproduces the DDNN's logits."""
+    torch.manual_seed(0)
+    net = build_net(arch, subnets=subnets).eval()
+    x = torch.randn(2, 3, size, size)
+    for depth in net.depths:
+        standalone = net.extract(depth).eval()
+        expected_blocks = sum(depth)
+        stages = getattr(standalone, "stages", None) or [
+            getattr(standalone, f"layer{i}") for i in range(1, 5)
+        ]
+        assert sum(len(s) for s in stages) == expected_blocks
+        with torch.no_grad():
+            out = standalone(x)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.testing.assert_close(out, net(x, depth)[0], rtol=0, atol=0)
+
+
+def _separate(net, x, depths):
+    return [net(x, d) for d in depths]
+
+
+@pytest.mark.parametrize("bn_stats", ["shared", "private"])
+@pytest.mark.parametrize(("arch", "subnets", "size"), FAMILIES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_shared_prefix_equals_separate_runs(arch, subnets, size, mode, bn_stats):
+    """forward_depths == one forward per depth: logits, stage features and gradients."""
+    torch.manual_seed(0)
+    net = build_net(arch, subnets=subnets, bn_stats=bn_stats).train(mode == "train")
+    x = torch.randn(4, 3, size, size)
+    weights = [torch.randn(net.config["num_classes"]) for _ in net.depths]
+
+    def loss_of(outputs):
+        loss = 0
+        for (logits, feats), w in zip(outputs, weights, strict=True):
+            loss = loss + (logits * w).sum() + sum(f.pow(2).mean() for f in feats)
+        return loss
+
+    shared = net.forward_depths(x, net.depths)
+    loss_of(shared).backward()
+    grads_shared = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    separate = _separate(net, x, net.depths)
+    loss_of(separate).backward()
+    for (lg_a, f_a), (lg_b, f_b) in zip(shared, separate, strict=True):
+        torch.testing.assert_close(lg_a, lg_b, rtol=1e-5, atol=1e-5)
+        assert len(f_a) == len(f_b) == len(net.full_depth)
+        for a, b in zip(f_a, f_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, p in net.named_parameters():  # float32 sums in another order: relative to the max
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(grads_shared[name], p.grad, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_prefix_tree_runs_each_shared_block_once():
+    """ResNet-50 with [3,4,4,3] and [3,3,3,3]: blocks run = nodes of the block prefix tree."""
+    net = build_net("resnet50", subnets=[[3, 4, 4, 3], [3, 3, 3, 3]]).eval()
+    calls = []
+    for s, stage in enumerate(net.stages):
+        for b, block in enumerate(stage):
+            block.register_forward_hook(lambda *_, key=(s, b): calls.append(key))
+    net.forward_depths(torch.randn(1, 3, 32, 32), net.depths)
+    # shared: stage 1 (3), stage 2 blocks 1-3 (3); then full/[3,4,4,3] share stage-2 block 4
+    # and stage-3 blocks 1-4; [3,3,3,3] branches after stage-2 block 3.
+    shared = 3 + 3
+    full_and_44 = 1 + 4
+    full_only = 2 + 3
+    r44_only = 3
+    r38_only = 3 + 3
+    assert len(calls) == shared + full_and_44 + full_only + r44_only + r38_only
+    assert len(calls) == len(set(calls)) + r44_only + r38_only  # re-runs only after branching
+
+
+def test_stage_features_shapes():
+    """Per-stage features have the channels and resolutions of each family's stages."""
+    net = build_net("cifar_resnet56")
+    _, feats = net(torch.randn(2, 3, 32, 32))
+    assert [tuple(f.shape[1:]) for f in feats] == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    net = build_net("resnet18")
+    _, feats = net(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (64, 16, 16),
+        (128, 8, 8),
+        (256, 4, 4),
+        (512, 2, 2),
+    ]
+
+
+def test_private_bn_stats_are_per_depth():
+    """With private statistics each depth's running mean follows its own inputs only."""
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], bn_stats="private").train()
+    x = torch.randn(8, 3, 16, 16)
+    net.forward_depths(x, net.depths)
+    alone = build_net("cifar_resnet20", blocks=[1, 1, 1]).train()
+    alone.load_state_dict(net.extract([1, 1, 1]).state_dict())
+    state = net.extract([1, 1, 1]).state_dict()
+    # stage 2 block 1 sees the output of stage-1 block 1 only in the sub-net
+    bn = net.stages[1][0].bn1
+    assert not torch.equal(bn.running_mean, bn.running_mean_d1)
+    assert torch.equal(state["stages.1.0.bn1.running_mean"], bn.running_mean_d1)
+    # the stem is shared: its statistics are equal for both depths
+    assert torch.equal(net.stem[1].running_mean, net.stem[1].running_mean_d1)
+
+
+@pytest.mark.parametrize(
+    ("arch", "depth", "message"),
+    [
+        ("cifar_resnet20", [0, 3, 3], "stage 1 has 0 blocks; each stage keeps between 1 and"),
+        ("cifar_resnet20", [3, 4, 3], "[1..3, 1..3, 1..3]"),
+        ("cifar_resnet20", [3, 3], "has 2 stages but the full-net [3, 3, 3] has 3"),
+        (
+            "resnet50",
+            [3, 4, 7, 3],
+            "stage 3 has 7 blocks; each stage keeps between 1 and the "
+            "full-net's count [1..3, 1..4, 1..6, 1..3]",
+        ),
+        ("cifar_resnet20", [3, 3, 3], "is the full-net itself"),
+        ("cifar_resnet20", ["a", 1, 1], "is not a list of block counts"),
+    ],
+)
+def test_invalid_depths(arch, depth, message):
+    """Each invalid sub-net depth raises ValueError naming the valid range."""
+    with pytest.raises(ValueError) as info:
+        build_net(arch, subnets=[depth])
+    assert isinstance(info.value, InvalidDepthError)
+    assert message in str(info.value)
+
+
+def test_duplicate_subnets_and_unknown_arch():
+    """Duplicates and unknown architectures give their own messages."""
+    with pytest.raises(ValueError, match=r"sub-net \[2, 2, 2\] is listed twice"):
+        build_net("cifar_resnet20", subnets=[[2, 2, 2], [2, 2, 2]])
+    with pytest.raises(UserError, match="unknown architecture 'resnet99'; choose one of"):
+        build_net("resnet99")
+    with pytest.raises(ValueError, match="cifar_resnet20 needs 3 stages of at least 1 block"):
+        build_net("cifar_resnet20", blocks=[3, 0, 3])
+
+
+def test_names():
+    """DESIGN section 3 names; colliding names get their blocks appended."""
+    assert build_net("cifar_resnet56", subnets=[[7, 7, 7], [3, 2, 3]]).names == [
+        "resnet56",
+        "resnet44",
+        "resnet-3-2-3",
+    ]
+    assert build_net("resnet34", subnets=[[2, 2, 2, 2]]).names == ["resnet34", "resnet18"]
+    assert build_net("cifar_vgg16", subnets=[[1, 1, 2, 2, 2], [2, 2, 2, 2, 2]]).names == [
+        "vgg16",
+        "vgg11",
+        "vgg13",
+    ]
+    net = build_net("resnet50", subnets=[[2, 3, 3, 2], [3, 3, 2, 2]])
+    assert net.names == ["resnet50", "resnet32-2-3-3-2", "resnet32-3-3-2-2"]
+    assert net.depth_of("resnet32-3-3-2-2") == (3, 3, 2, 2)
+    with pytest.raises(InvalidDepthError, match="no depth named 'resnet18'"):
+        net.depth_of("resnet18")
+
+
+@pytest.mark.parametrize("arch", list_archs())
+def test_every_arch_builds_and_runs(arch):
+    """Every registered full-net builds, runs a small batch, and every parameter learns."""
+    net = build_net(arch, num_classes=5)
+    size = 32 if arch.startswith("cifar") else 64
+    logits, feats = net(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 5)
+    assert len(feats) == len(net.full_depth)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_weights_file_loads_and_is_checked(tmp_path):
+    """A local torchvision weights file loads; a mismatched class count is a clear error."""
+    ref = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    net = build_net("resnet18", num_classes=10, weights_path=str(path))
+    torch.testing.assert_close(net.stem.conv1.weight, ref.conv1.weight, rtol=0, atol=0)
+    with pytest.raises(UserError, match="has 10 classes but the model has 1000"):
+        build_net("resnet18", weights_path=str(path))
+    with pytest.raises(UserError, match="does not exist"):
+        build_net("resnet18", weights_path=str(tmp_path / "missing.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read weights file"):
+        build_net("resnet18", weights_path=str(tmp_path / "bad.pth"))
+
+
+def test_vgg_blocks_are_conv_bn_relu():
+    """VGG-11's standalone network holds 8 conv layers, each followed by BN and ReLU."""
+    net = build_net("cifar_vgg16", subnets=[[1, 1, 2, 2, 2]]).extract([1, 1, 2, 2, 2])
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == len(bns) == 8
