@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -50,3 +51,30 @@ def report_user_errors(fn: Callable[..., T]) -> Callable[..., T]:
             sys.exit(1)
 
     return wrapper
+
+
+def check_group_choices(args: list[str], config_dir: str | Path) -> None:
+    """Reject ``group=option`` overrides naming no config file, in one line.
+
+    Hydra reports an unknown option over many lines (search paths, a hint about
+    ``HYDRA_FULL_ERROR``); this check runs first and names the valid options instead.
+    """
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        group = Path(config_dir) / key
+        if not sep or key.startswith("hydra") or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
+        for choice in value.split(","):  # multirun: a,b,c
+            if choice and choice != "null" and choice not in options:
+                raise UserError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def run_app(main: Callable[[], object], config_dir: str | Path) -> None:
+    """Run a ``@hydra.main`` entry point after checking its group overrides."""
+    try:
+        check_group_choices(sys.argv[1:], config_dir)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    main()

@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import report_user_errors
+from ekd_ddnn.errors import report_user_errors, run_app
 from ekd_ddnn.results import depth_rows, format_table
 
 
@@ -22,4 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, CONFIG_DIR)

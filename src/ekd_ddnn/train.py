@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import report_user_errors
+from ekd_ddnn.errors import report_user_errors, run_app
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
 
@@ -52,13 +52,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger=instantiate_all(cfg.get("logger")),
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     split = "test" if datamodule.has_test_split else "val"
     if cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         evaluate = trainer.test if split == "test" else trainer.validate
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
     if trainer.is_global_zero:
         rows = add_errors(depth_rows(module.net, module.depths), metrics, split)
@@ -78,4 +79,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, CONFIG_DIR)

@@ -1,0 +1,50 @@
+"""Shared fixtures: compose the real Hydra configs for a run inside ``tmp_path``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ekd_ddnn import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-subset"
+
+
+def compose_config(name: str, overrides: list[str], out_dir: Path) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` as the command line would, with its run dir in out_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """``compose_train(*overrides)``: a train config writing into ``tmp_path``."""
+    return lambda *overrides: compose_config("train", list(overrides), tmp_path)
+
+
+def run_cli(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``python -m ekd_ddnn.<module> args`` as a user would; capture its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", f"ekd_ddnn.{module}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
