@@ -279,3 +279,20 @@ def test_vgg_blocks_are_conv_bn_relu():
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(convs) == len(bns) == 8
+
+
+def test_prefix_tree_macs_ratio_matches_design():
+    """ResNet-50 + [3,4,4,3] + [3,3,3,3]: 1.59x a full forward shared, 2.68x separately."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = build_net("resnet50", subnets=[[3, 4, 4, 3], [3, 3, 3, 3]]).eval()
+    x = torch.zeros(1, 3, 224, 224)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    full = flops(lambda: net(x))
+    assert round(flops(lambda: net.forward_depths(x, net.depths)) / full, 2) == 1.59
+    assert round(sum(flops(lambda d=d: net(x, d)) for d in net.depths) / full, 2) == 2.68
