@@ -1,0 +1,103 @@
+"""What every data module shares: its shape facts and the loader settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ekd_ddnn.errors import UserError
+
+
+class TransformedDataset(Dataset):
+    """Applies ``transform`` to the image of each ``(image, label)`` pair of ``base``."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Tensor], Tensor]) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of the image-classification data modules.
+
+    Subclasses set ``num_classes``, ``in_channels`` and ``image_size`` (the model's
+    configuration interpolates them) and fill ``train_set``, ``val_set`` and, where the data
+    has one, ``test_set`` in ``setup``. Training batches drop the last incomplete batch (a
+    batch of one breaks BatchNorm); evaluation batches keep every sample.
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise UserError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether the data has a test split (results are reported on it, else on val)."""
+        return True
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a data loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test_split:
+            raise UserError(f"{type(self).__name__} has no test split; evaluate on validation")
+        return self._loader(self.test_set, train=False)
+
+
+def check_fixed(dataset: str, **given_and_expected: tuple[int | None, int]) -> None:
+    """Fail clearly when a configured shape fact (``num_classes=(given, expected)``, ...)
+    contradicts the dataset; ``None`` means not configured."""
+    for key, (given, expected) in given_and_expected.items():
+        if given is not None and given != expected:
+            raise UserError(
+                f"{dataset} has {key}={expected} but data.{key}={given}; "
+                f"remove the override or set data.{key}={expected}"
+            )

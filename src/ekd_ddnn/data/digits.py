@@ -1,0 +1,70 @@
+"""scikit-learn's handwritten digits: the embedded default data (ships with scikit-learn).
+
+1797 real 8x8 grey-scale images of the digits 0-9 (UCI), upsampled to ``image_size`` so the
+CIFAR-style networks have room for three stages. The split into train / val / test is seeded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+from torchvision.transforms import v2
+
+from ekd_ddnn.data.base import ImageDataModule, TransformedDataset, check_fixed
+from ekd_ddnn.errors import UserError
+
+
+class DigitsDataModule(ImageDataModule):
+    """Digits as (1, image_size, image_size) tensors, normalised with the training statistics.
+
+    Training images get a random shift (pad ``image_size // 8`` + random crop); no flips, since
+    a mirrored digit is another symbol.
+    """
+
+    in_channels = 1
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 16,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        **loader_kwargs,
+    ) -> None:
+        super().__init__(**loader_kwargs)
+        check_fixed("digits", num_classes=(num_classes, 10), in_channels=(in_channels, 1))
+        if not (val_fraction > 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
+            raise UserError("data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
+        self.num_classes = 10
+        self.image_size = image_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        gen = torch.Generator().manual_seed(self.split_seed)
+        test_idx, val_idx, train_idx = torch.randperm(len(labels), generator=gen).split(
+            [
+                n_test := round(self.test_fraction * len(labels)),
+                n_val := round(self.val_fraction * len(labels)),
+                len(labels) - n_test - n_val,
+            ]
+        )
+        images = (images - images[train_idx].mean()) / images[train_idx].std()
+        shift = v2.RandomCrop(self.image_size, padding=self.image_size // 8)
+        train = TensorDataset(images[train_idx], labels[train_idx])
+        self.train_set = TransformedDataset(train, shift)
+        self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+        self.test_set = TensorDataset(images[test_idx], labels[test_idx])
