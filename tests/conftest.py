@@ -48,3 +48,14 @@ def run_cli(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedPr
         text=True,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """One real training run of the default experiment (6 epochs), shared by the tests
+    that need a trained checkpoint; returns its run directory."""
+    from ekd_ddnn.train import train
+
+    out = tmp_path_factory.mktemp("digits_run")
+    train(compose_config("train", ["trainer.max_epochs=6"], out))
+    return out

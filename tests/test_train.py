@@ -90,32 +90,27 @@ def test_modes_log_their_terms(mode, compose_train):
 
 
 @pytest.mark.slow
-def test_digits_training_learns_every_depth(compose_train, tmp_path):
+def test_digits_training_learns_every_depth(digits_run):
     """The default experiment, shortened to 6 epochs: every depth far better than chance.
 
     Chance is 90% top-1 error on 10 balanced classes. The bar, 20%, is 4.5x fewer errors than
     chance: any depth that did not learn fails it, while a full 15-epoch run reaches 1-2%, so
     machine-to-machine noise cannot push a learning net over it.
     """
-    cfg = compose_train("trainer.max_epochs=6")
-    metrics, _ = train(cfg)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = json.loads((digits_run / "results.json").read_text())
     assert [r["name"] for r in rows] == ["resnet20", "resnet14", "resnet8"]
     for row in rows:
         assert row["split"] == "test"
         assert row["top1_err"] < 20.0, row
-        assert row["top1_err"] == pytest.approx(metrics[f"test/top1_err/{row['name']}"], abs=1e-3)
 
     # the run directory of DESIGN section 5
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
-    assert (tmp_path / "csv" / "metrics.csv").is_file()
-    assert "| resnet8 | [1,1,1] |" in (tmp_path / "results.md").read_text()
+    assert (digits_run / "checkpoints" / "last.ckpt").is_file()
+    assert (digits_run / "checkpoints" / "best.ckpt").is_file()
+    assert (digits_run / "csv" / "metrics.csv").is_file()
+    assert "| resnet8 | [1,1,1] |" in (digits_run / "results.md").read_text()
 
-    # sizes in results.json are those of the standalone networks
-    ckpt = torch.load(
-        tmp_path / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False
-    )
+    # sizes in results.json are those of the standalone networks, rebuilt from the checkpoint
+    ckpt = torch.load(digits_run / "checkpoints" / "best.ckpt", weights_only=True)
     net = build_net(**ckpt["hyper_parameters"]["net_config"])  # no config files needed
     net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
     for row in rows:

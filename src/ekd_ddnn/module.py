@@ -41,7 +41,8 @@ class EKDModule(L.LightningModule):
     Args:
         net: the depth-dynamic network; its full depth and sub-nets are what is trained.
         loss: the objective; ``mode="individual"`` trains the full depth alone.
-        optimizer: a partial taking parameter groups (Hydra ``_partial_: true``).
+        optimizer: a partial taking parameter groups (Hydra ``_partial_: true``); None for a
+            module that only evaluates.
         scheduler: a partial taking ``(optimizer, total_steps=, steps_per_epoch=)``, or None.
         no_weight_decay_bn_bias: exempt BatchNorm and bias parameters from weight decay.
         config: the resolved run configuration, stored in checkpoints for reference.
@@ -55,7 +56,7 @@ class EKDModule(L.LightningModule):
         self,
         net: DepthDynamicNet,
         loss: EKDLoss,
-        optimizer: Callable[..., Optimizer],
+        optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         *,
         no_weight_decay_bn_bias: bool = False,
@@ -130,6 +131,8 @@ class EKDModule(L.LightningModule):
         self._log_epoch("test")
 
     def configure_optimizers(self) -> dict:
+        if self.optimizer_factory is None:
+            raise RuntimeError("EKDModule was built without an optimizer: it can only evaluate")
         groups = param_groups(self.net, no_weight_decay_bn_bias=self.no_weight_decay_bn_bias)
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:

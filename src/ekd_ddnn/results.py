@@ -6,6 +6,7 @@ directory; DESIGN section 5 fixes the keys users script against.
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,13 +78,45 @@ def format_table(rows: Sequence[Mapping]) -> str:
 
 
 def write_results(rows: Sequence[Mapping], out_dir: str | Path, title: str = "") -> Path:
-    """Write ``results.json`` and ``results.md`` into ``out_dir``; return the JSON path."""
+    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     path.write_text(json.dumps(list(rows), indent=2) + "\n")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
     split = rows[0].get("split") if rows else None
     header = f"# {title}\n\n" if title else ""
     note = f"\nErrors on the {split} split.\n" if split else ""
     (out_dir / "results.md").write_text(header + format_table(rows) + "\n" + note)
     return path
+
+
+def _csv_value(value: object) -> object:
+    return "-".join(map(str, value)) if isinstance(value, list) else value
+
+
+def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
+    """Top-1 accuracy against MACs, one labelled point per depth (the paper's trade-off)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    macs = [row["macs"] / 1e6 for row in rows]
+    acc = [100.0 - row["top1_err"] for row in rows]
+    ax.plot(macs, acc, "o")
+    for row, x, y in zip(rows, macs, acc, strict=True):
+        ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel(f"top-1 accuracy on {rows[0].get('split', '')} (%)")
+    ax.set_title(title or "accuracy vs MACs per depth", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.15)  # room for the labels
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

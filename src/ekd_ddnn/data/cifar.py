@@ -108,9 +108,7 @@ class CIFARDataModule(ImageDataModule):
         if not (self.folder / meta).is_file():
             missing.append(meta)
         if missing:
-            where = (
-                f"missing {', '.join(missing)}" if self.folder.is_dir() else "no such directory"
-            )
+            where = f"missing {', '.join(missing)}" if self.folder.is_dir() else "no such directory"
             raise UserError(
                 f"{self.name} not found in {self.folder} ({where}): put the official "
                 f"python-version files there (set data.data_dir to the folder that holds "
@@ -161,4 +159,8 @@ class CIFARDataModule(ImageDataModule):
         val_set = Subset(self._dataset(True, eval_tf), order[:n_val])
         test_set = self._dataset(False, eval_tf) if self.has_test_split else None
         # assigned last: a failed setup leaves nothing half-built behind
-        self.train_set, self.val_set, self.test_set = Subset(train_full, order[n_val:]), val_set, test_set
+        self.train_set, self.val_set, self.test_set = (
+            Subset(train_full, order[n_val:]),
+            val_set,
+            test_set,
+        )

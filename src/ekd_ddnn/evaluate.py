@@ -1,0 +1,104 @@
+"""``python -m ekd_ddnn.evaluate ckpt_path=<file>``: every depth of a checkpoint, side by side.
+
+Writes ``results.json`` / ``.csv`` / ``.md`` and ``accuracy_vs_macs.png`` to the run directory:
+the paper's Table 1/2 layout (params, MACs, top-1/top-5 error) plus latency and throughput.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ekd_ddnn import CONFIG_DIR
+from ekd_ddnn.checkpoint import load_checkpoint, loss_from_checkpoint, net_from_checkpoint
+from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.module import EKDModule
+from ekd_ddnn.results import (
+    add_errors,
+    depth_rows,
+    format_table,
+    plot_accuracy_vs_macs,
+    write_results,
+)
+from ekd_ddnn.timing import measure_speed
+
+
+def _split(requested: str, has_test: bool) -> str:
+    if requested not in ("auto", "test", "val"):
+        raise UserError(f"split must be auto, test or val, got {requested!r}")
+    if requested == "test" and not has_test:
+        raise UserError("the data has no test split; use split=val (or split=auto)")
+    return (
+        "test"
+        if requested == "auto" and has_test
+        else ("val" if requested == "auto" else requested)
+    )
+
+
+def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
+    """Evaluate every trained depth of ``cfg.ckpt_path``; return the result rows."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    net = net_from_checkpoint(ckpt, cfg.ckpt_path)
+    module = EKDModule(net, loss_from_checkpoint(ckpt))
+    data_cfg = cfg.get("data") or ckpt["hyper_parameters"].get("config", {}).get("data")
+    if not data_cfg:
+        raise UserError("the checkpoint records no data; pass data=<name> and data.data_dir=...")
+    datamodule = instantiate(data_cfg)
+    if datamodule.num_classes != net.config["num_classes"]:
+        raise UserError(
+            f"the checkpoint's network has {net.config['num_classes']} classes but the data has "
+            f"{datamodule.num_classes}; evaluate on the data it was trained for"
+        )
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    split = _split(cfg.split, datamodule.has_test_split)
+    run = trainer.test if split == "test" else trainer.validate
+    run(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    rows = add_errors(depth_rows(net, module.depths), metrics, split)
+
+    if trainer.is_global_zero:
+        if cfg.speed.enabled:
+            device = cfg.speed.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+            for row in rows:
+                row.update(
+                    measure_speed(
+                        net.extract(row["blocks"]),
+                        shape,
+                        batch_size=cfg.speed.batch_size,
+                        device=device,
+                        warmup=cfg.speed.warmup,
+                        repeats=cfg.speed.repeats,
+                    )
+                )
+        out = Path(cfg.paths.output_dir)
+        title = f"{Path(cfg.ckpt_path).name}: every depth on {split}"
+        write_results(rows, out, title=title)
+        plot_accuracy_vs_macs(rows, out / "accuracy_vs_macs.png", title=title)
+        print(format_table(rows))
+        print(f"results: {out / 'results.json'}")
+    return rows, {"module": module, "datamodule": datamodule, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise UserError(
+            "pass the checkpoint to evaluate: ckpt_path=<run dir>/checkpoints/best.ckpt"
+        )
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    run_app(main, CONFIG_DIR)
