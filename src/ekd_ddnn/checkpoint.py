@@ -33,7 +33,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if found is None:  # not a pickle of ours at all
             raise UserError(
                 f"checkpoint {path} is truncated or corrupt: not a torch file"
-            ) from None  # noqa: E501
+            ) from None
         raise UserError(
             f"checkpoint {path} was refused: it holds a Python object ({found.group(1)}) that "
             "would run code on load; only load checkpoints written by ekd-ddnn"
