@@ -49,7 +49,8 @@ class EKDModule(L.LightningModule):
 
     Metric keys: ``train/loss``, ``train/{ce,kl,mse}/<net>`` (for the full-net ``kl``/``mse``
     are the ensemble terms), ``{val,test}/{top1,top5,top1_err,top5_err}/<net>`` in percent, and
-    ``{val,test}/top1_err/mean`` over the depths (the default checkpoint monitor).
+    ``{val,test}/top1_err/mean`` over the depths (the default checkpoint monitor) and
+    ``{val,test}/top1_err/subnets_mean`` over the sub-nets.
     """
 
     def __init__(
@@ -117,6 +118,8 @@ class EKDModule(L.LightningModule):
                 self.log(f"{split}/{key}_err/{name}", 100.0 - acc)
             errors.append(100.0 - 100.0 * values["top1"])
         self.log(f"{split}/top1_err/mean", torch.stack(errors).mean(), prog_bar=split == "val")
+        if len(errors) > 1:  # the default objective of hyper-parameter searches
+            self.log(f"{split}/top1_err/subnets_mean", torch.stack(errors[1:]).mean())
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import report_user_errors, run_app
+from ekd_ddnn.launch import ddp_job_scope, use_hydra_job_rank_command
+from ekd_ddnn.loggers import define_depth_metrics, finish_loggers, log_results_table
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
 
@@ -46,26 +48,33 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_all(cfg.get("callbacks")),
-        logger=instantiate_all(cfg.get("logger")),
+        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    try:
+        define_depth_metrics(trainer.loggers)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    split = "test" if datamodule.has_test_split else "val"
-    if cfg.get("test"):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        evaluate = trainer.test if split == "test" else trainer.validate
-        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        split = "test" if datamodule.has_test_split else "val"
+        if cfg.get("test"):
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            evaluate = trainer.test if split == "test" else trainer.validate
+            evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    if trainer.is_global_zero:
-        rows = add_errors(depth_rows(module.net, module.depths), metrics, split)
-        write_results(rows, cfg.paths.output_dir, title=f"{cfg.task_name}: {module.names[0]} DDNN")
-        print(format_table(rows))
-        print(f"results: {Path(cfg.paths.output_dir) / 'results.json'}")
+        if trainer.is_global_zero:
+            rows = add_errors(depth_rows(module.net, module.depths), metrics, split)
+            for row in rows:
+                row["seed"] = cfg.seed
+            title = f"{cfg.task_name}: {module.names[0]} DDNN"
+            write_results(rows, cfg.paths.output_dir, title=title)
+            log_results_table(trainer.loggers, rows)
+            print(format_table(rows))
+            print(f"results: {Path(cfg.paths.output_dir) / 'results.json'}")
+    finally:
+        finish_loggers(trainer.loggers)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
@@ -73,7 +82,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 @report_user_errors
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers when set."""
-    metrics, _ = train(cfg)
+    use_hydra_job_rank_command()
+    with ddp_job_scope():
+        metrics, _ = train(cfg)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 

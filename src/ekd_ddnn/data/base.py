@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -70,10 +72,17 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a data loader")
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Lightning's default DistributedSampler pads the evaluation set to a multiple of
+            # the world size, counting some samples twice; this one gives each sample to
+            # exactly one rank, so metrics synced by torchmetrics equal a single process's.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

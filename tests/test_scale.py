@@ -1,0 +1,215 @@
+"""Scaling out: DDP on 2 CPU processes (gloo), W&B offline runs, sweeps and their aggregate,
+the Optuna and SLURM configs, and the Hydra x DDP traps."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from ekd_ddnn.launch import hydra_job_rank_command
+from tests.conftest import compose_config, run_cli
+
+TINY = [
+    "data=synthetic",
+    "data.image_size=16",
+    "data.num_val=65",  # odd: a padding sampler would count a sample twice on 2 ranks
+    "data.num_test=67",
+    "trainer.max_epochs=1",
+]
+
+
+def _errors(run_dir: Path) -> dict[str, tuple[float, float]]:
+    rows = json.loads((run_dir / "results.json").read_text())
+    return {r["name"]: (r["top1_err"], r["top5_err"]) for r in rows}
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_equals_single_process(tmp_path):
+    """evaluate with trainer=ddp on 2 CPU processes == 1 process, per depth, exactly."""
+    train = run_cli("train", *TINY, f"hydra.run.dir={tmp_path / 'train'}")
+    assert train.returncode == 0, train.stderr
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"eval{devices}"
+        result = run_cli(
+            "evaluate",
+            f"ckpt_path={ckpt}",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            f"trainer.devices={devices}",
+            "speed.enabled=false",
+            f"hydra.run.dir={out}",
+        )
+        assert result.returncode == 0, result.stderr
+        runs[devices] = _errors(out)
+    assert runs[1] == runs[2]
+    assert len(runs[1]) == 3
+
+
+@pytest.mark.slow
+def test_ddp_training_uses_one_run_directory(tmp_path):
+    """Training on 2 ranks writes one run directory: rank 1 neither makes its own nor
+    writes a config; results and checkpoints come from rank 0."""
+    run_dir = tmp_path / "logs" / "run"
+    result = run_cli(
+        "train",
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["run"]
+    assert (run_dir / "results.json").is_file() and (
+        run_dir / "checkpoints" / "last.ckpt"
+    ).is_file()
+    assert (run_dir / "train_rank1.log").is_file()  # rank 1 ran the same job, same directory
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_multirun_ddp_runs_each_job_once(tmp_path):
+    """A 2-job sweep with 2 DDP ranks per job: 2 job directories, no nested sweeps."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train",
+        "-m",
+        *TINY,
+        "ekd.w=0,1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job, w in (("0", 0), ("1", 1)):
+        config = json.dumps((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        assert f"ekd.w={w}" in config
+        assert (sweep / job / "results.json").is_file()
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "logs").exists()
+
+
+def test_rank_command_is_the_job_not_the_sweep(tmp_path):
+    """Ranks 1..N-1 start with this job's resolved values (e.g. Optuna's sampled ekd.w) and
+    its run directory, as a single run: never the sweep again."""
+    cfg = compose_config(
+        "train", ["hparams_search=ekd_optuna", "ekd.w=0.37", "ekd.a=12.5"], tmp_path
+    )
+    command, _ = hydra_job_rank_command(1)
+    assert "ekd.w=0.37" in command and "ekd.a=12.5" in command
+    args = command[3:]  # after `python -m <module>`
+    assert "-m" not in args and "--multirun" not in args
+    assert "hydra.mode=RUN" in command
+    assert f'hydra.run.dir="{tmp_path}"' in command and "hydra.output_subdir=null" in command
+    assert f"hydra.job.name={cfg.hydra.job.name}_rank1" in command
+
+
+def _wandb_records(run_file: Path):
+    """Records of an offline W&B run file (LevelDB-log framing of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, block, pending = run_file.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = data if kind in (1, 2) else pending + data
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_every_net_and_the_table(compose_train, tmp_path, monkeypatch):
+    """An offline W&B run records each depth's metrics and the per-depth results table."""
+    from ekd_ddnn.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(compose_train(*TINY, "logger=wandb"))
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    keys = set()
+    for record in _wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    for name in ("resnet20", "resnet14", "resnet8"):
+        for key in ("val/top1_err", "val/top5", "test/top1_err", "train/ce", "train/kl"):
+            assert f"{key}/{name}" in keys
+    assert "trainer/global_step" in keys and "results/table/nrows" in keys
+    (table_file,) = run_dir.glob("files/media/table/results/table_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert [row[0] for row in table["data"]] == ["resnet20", "resnet14", "resnet8"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row[4] for row in table["data"]] == [r["top1_err"] for r in results]
+
+
+@pytest.mark.slow
+def test_multirun_and_aggregate(tmp_path):
+    """A 2x2 sweep: 4 job directories, each its own W&B run; the aggregate has 4 rows with
+    every depth's error and a heatmap."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "train",
+        "-m",
+        *TINY,
+        "ekd.w=0,1",
+        "ekd.a=0,10",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    run_ids = {next((sweep / j / "wandb").glob("offline-run-*")).name for j in jobs}
+    assert len(run_ids) == 4  # one W&B run per job
+    result = run_cli("aggregate", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((sweep / "aggregate.json").read_text())
+    assert len(rows) == 4
+    assert {(r["ekd.w"], r["ekd.a"]) for r in rows} == {
+        ("0", "0"),
+        ("0", "10"),
+        ("1", "0"),
+        ("1", "10"),
+    }
+    for row in rows:
+        expected = _errors(sweep / row["job"])
+        for name, (top1, _) in expected.items():
+            assert row[f"top1_err/{name}"] == top1
+    assert (sweep / "aggregate_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| job | ekd.a | ekd.w |" in result.stdout
+
+
+def test_aggregate_errors(tmp_path):
+    """A directory without finished jobs is a one-line error."""
+    result = run_cli("aggregate", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "holds no finished jobs (no */results.json)" in result.stderr
+
+
+def test_optuna_and_slurm_configs_compose(tmp_path):
+    """hparams_search=ekd_optuna and hydra/launcher=slurm compose with the real configs."""
+    cfg = compose_config("train", ["hparams_search=ekd_optuna", "experiment=cifar10_r20"], tmp_path)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"ekd.w", "ekd.a"}
+    assert cfg.optimized_metric == "val/top1_err/subnets_mean"
+    cfg = compose_config(
+        "train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8"], tmp_path
+    )
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 8 and cfg.hydra.launcher.gpus_per_node == 8
