@@ -37,9 +37,12 @@ def compose_train(tmp_path):
     return lambda *overrides: compose_config("train", list(overrides), tmp_path)
 
 
-def run_cli(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, cwd: Path = REPO, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m ekd_ddnn.<module> args`` as a user would; capture its output."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # tests.helpers
     return subprocess.run(
         [sys.executable, "-m", f"ekd_ddnn.{module}", *args],
         cwd=cwd,

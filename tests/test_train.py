@@ -137,32 +137,6 @@ def test_cifar_subset_trains_on_real_images(compose_train, tmp_path):
     assert all(r["split"] == "val" for r in rows)
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["experiment=nope"], "error: unknown experiment 'nope'; choose one of: cifar100_r56,"),
-        (["ekd=kd"], "error: unknown ekd 'kd'; choose one of: ddnn, ekd, individual"),
-        (["model.subnets=[[4,3,3]]"], "error: depth [4, 3, 3]: stage 1 has 4 blocks; each stage"),
-        (["model.subnets=[[3,3]]"], "error: depth [3, 3] has 2 stages but the full-net [3, 3, 3]"),
-        (["ekd.w=-1"], "error: ekd.w and ekd.a must be >= 0 (got w=-1, a=100.0)"),
-        (["ekd.temperature=0"], "error: ekd.temperature must be > 0, got 0"),
-        (
-            ["data=cifar10", "data.data_dir=/nonexistent"],
-            "error: cifar10 not found in /nonexistent/cifar-10-batches-py (no such directory)",
-        ),
-    ],
-)
-def test_user_errors_are_one_line(args, message, tmp_path):
-    """A user mistake: exit code 1, one 'error:' line saying what to fix, no traceback."""
-    run_dir = tmp_path / "run"
-    result = run_cli("train", *args, f"hydra.run.dir={run_dir}")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
-    assert not (run_dir / "results.json").exists() and not (run_dir / "checkpoints").exists()
-
-
 def test_summary_prints_table2(tmp_path):
     """``ekd_ddnn.summary`` prints the paper's Table-2 rows (params to 0.1M)."""
     result = run_cli(

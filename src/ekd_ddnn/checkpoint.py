@@ -40,7 +40,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as exc:  # truncated zip, garbage bytes, wrong format
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is truncated or corrupt: {reason}") from None
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt ({reason}); copy it again or use "
+            "another checkpoint"
+        ) from None
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or "net_config" not in hparams or "state_dict" not in ckpt:
         raise UserError(

@@ -70,8 +70,25 @@ def check_group_choices(args: list[str], config_dir: str | Path) -> None:
                 raise UserError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
 
 
+def check_override_syntax(args: list[str]) -> None:
+    """Exit with status 2 and one line when an override does not parse (Hydra's grammar)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException as exc:
+            reason = str(exc).strip().splitlines()[0]
+            print(f"error: cannot parse override {arg!r}: {reason}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
 def run_app(main: Callable[[], object], config_dir: str | Path) -> None:
-    """Run a ``@hydra.main`` entry point after checking its group overrides."""
+    """Run a ``@hydra.main`` entry point after checking its overrides' syntax and groups."""
+    check_override_syntax(sys.argv[1:])
     try:
         check_group_choices(sys.argv[1:], config_dir)
     except UserError as exc:

@@ -27,6 +27,7 @@ from ekd_ddnn.results import (
     write_results,
 )
 from ekd_ddnn.timing import measure_speed
+from ekd_ddnn.train import build_trainer
 
 
 def _split(requested: str, has_test: bool) -> str:
@@ -51,13 +52,14 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     if not data_cfg:
         raise UserError("the checkpoint records no data; pass data=<name> and data.data_dir=...")
     datamodule = instantiate(data_cfg)
-    if datamodule.num_classes != net.config["num_classes"]:
-        raise UserError(
-            f"the checkpoint's network has {net.config['num_classes']} classes but the data has "
-            f"{datamodule.num_classes}; evaluate on the data it was trained for"
-        )
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     split = _split(cfg.split, datamodule.has_test_split)
+    for key in ("num_classes", "in_channels"):
+        if getattr(datamodule, key) != net.config[key]:
+            raise UserError(
+                f"the checkpoint's network has {key}={net.config[key]} but the data has "
+                f"{key}={getattr(datamodule, key)}; evaluate on data of the kind it was trained on"
+            )
+    trainer = build_trainer(cfg.trainer, logger=False, enable_checkpointing=False)
     run = trainer.test if split == "test" else trainer.validate
     run(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

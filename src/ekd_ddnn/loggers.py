@@ -3,9 +3,12 @@ results table, and one W&B run per Hydra job."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import csv
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 
 def define_depth_metrics(loggers: Sequence[Logger]) -> None:
@@ -63,3 +66,37 @@ def finish_loggers(loggers: Sequence[Logger]) -> None:
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+@contextlib.contextmanager
+def keep_csv_history(loggers: Sequence[Logger]) -> Iterator[None]:
+    """Resume: keep the rows an earlier part of the run wrote to ``metrics.csv``.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts. The old file is
+    moved aside first and its rows are put back in front of the new ones at the end (if the
+    process dies before that, they stay in ``metrics.before-resume.csv``).
+    """
+    moved = []
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / "metrics.csv"
+            if path.is_file():
+                aside = path.with_name("metrics.before-resume.csv")
+                path.replace(aside)
+                moved.append((path, aside))
+    try:
+        yield
+    finally:
+        for path, aside in moved:
+            rows = _read_csv(aside) + (_read_csv(path) if path.is_file() else [])
+            columns = sorted({key for row in rows for key in row})
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+            aside.unlink()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -133,6 +133,20 @@ class EKDModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not store the random state; with it, a run resumed from an epoch-end
+        # checkpoint draws the same shuffles and augmentations as one never interrupted.
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rng_state")
+        if state and self.trainer.state.fn == "fit":
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
     def configure_optimizers(self) -> dict:
         if self.optimizer_factory is None:
             raise RuntimeError("EKDModule was built without an optimizer: it can only evaluate")

@@ -6,18 +6,24 @@ logs -> ``results.json`` / ``results.md`` in the run directory.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import report_user_errors, run_app
+from ekd_ddnn.errors import UserError, report_user_errors, run_app
 from ekd_ddnn.launch import ddp_job_scope, use_hydra_job_rank_command
-from ekd_ddnn.loggers import define_depth_metrics, finish_loggers, log_results_table
+from ekd_ddnn.loggers import (
+    define_depth_metrics,
+    finish_loggers,
+    keep_csv_history,
+    log_results_table,
+)
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
 
@@ -40,24 +46,67 @@ def build_module(cfg: DictConfig) -> EKDModule:
     )
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from; refuses to start a new run over an old one."""
+    out = Path(cfg.paths.output_dir)
+    if cfg.get("resume"):
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise UserError(
+                f"nothing to resume: {last} does not exist; pass resume=<run dir> of a run "
+                "that saved a checkpoint (or resume=latest)"
+            )
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        previous = sorted(out.glob("wandb/*run-*"))
+        if wandb is not None and wandb.get("id") is None and previous:
+            with open_dict(cfg):  # continue the same W&B run
+                wandb.id = previous[-1].name.rsplit("-", 1)[-1]
+                wandb.resume = "allow"
+        return cfg.get("ckpt_path") or str(last)
+    if any(out.glob("checkpoints/*.ckpt")) or (out / "results.json").is_file():
+        raise UserError(
+            f"run directory {out} already holds a run; continue it with resume={out}, "
+            "or choose another hydra.run.dir"
+        )
+    return cfg.get("ckpt_path")
+
+
+def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
+    """Instantiate the Trainer; a setting the machine cannot satisfy is a user error."""
+    try:
+        return instantiate(trainer_cfg, **kwargs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if type(cause).__name__ == "MisconfigurationException" or isinstance(cause, ValueError):
+            reason = str(cause).strip().splitlines()[0]
+            raise UserError(f"cannot set up the trainer: {reason}; check trainer.*") from None
+        raise
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train, then evaluate every depth on the test split (validation where there is none).
 
     Returns the final metrics and the objects built (for tests and callers).
     """
+    ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
+    trainer = build_trainer(
         cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers
     )
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(finish_loggers, trainer.loggers)
+        if cfg.get("resume"):
+            stack.enter_context(keep_csv_history(trainer.loggers))
         define_depth_metrics(trainer.loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-        split = "test" if datamodule.has_test_split else "val"
+        # results on the best checkpoint's test split (validation where there is none);
+        # with test=false, the last validation epoch's
+        split = "test" if datamodule.has_test_split and cfg.get("test") else "val"
         if cfg.get("test"):
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
             evaluate = trainer.test if split == "test" else trainer.validate
@@ -73,8 +122,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log_results_table(trainer.loggers, rows)
             print(format_table(rows))
             print(f"results: {Path(cfg.paths.output_dir) / 'results.json'}")
-    finally:
-        finish_loggers(trainer.loggers)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 

@@ -1,0 +1,83 @@
+"""The benches' step functions on a tiny config: prefix-shared EKD training equals unshared.
+
+``bench/step_cost.py`` times the shared step (``forward_depths``) against the unshared one
+(``net(x, depth)`` per depth); the comparison only means something if both compute the same
+loss and gradients from the same weights, which is what these tests pin down.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import build_net
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+# float32; the shared step sums a shared block's upstream gradients before its backward, the
+# unshared one accumulates per-depth parameter gradients: equal up to summation order (seen:
+# equal losses, gradients within 1e-6 of each other, largest 0.84)
+LOSS_TOL = {"rtol": 1e-6, "atol": 1e-6}
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("step_cost")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_shared_ekd_step_equals_unshared(step_cost) -> None:
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], image_size=16)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(10, (4,))
+    shared, unshared = copy.deepcopy(net).train(), copy.deepcopy(net).train()
+    losses = {}
+    for name, model, is_shared in (("shared", shared, True), ("unshared", unshared, False)):
+        optimizer = step_cost.make_sgd(model.parameters())
+        losses[name] = step_cost.ekd_step(model, EKDLoss(), optimizer, shared=is_shared)(x, y)
+
+    torch.testing.assert_close(losses["shared"], losses["unshared"], **LOSS_TOL)
+    named = dict(unshared.named_parameters())
+    for key, param in shared.named_parameters():
+        assert param.grad is not None, key
+        torch.testing.assert_close(param.grad, named[key].grad, **GRAD_TOL, msg=key)
+        torch.testing.assert_close(param, named[key], **GRAD_TOL, msg=key)  # after the step
+    # the one stated difference: a shared block's BatchNorm statistics update once per step,
+    # the unshared step updates them once per depth
+    assert shared.stem[1].num_batches_tracked.item() == 1
+    assert unshared.stem[1].num_batches_tracked.item() == len(net.depths)
+
+
+def test_experiment_settings_reach_the_bench(step_cost) -> None:
+    args = step_cost.parse_args(["--experiment", "imagenet_r50"])
+    assert args.settings["arch"] == "resnet50"
+    assert args.settings["subnets"] == [[3, 4, 4, 3], [3, 3, 3, 3]]
+    assert (args.settings["image_size"], args.settings["num_classes"]) == (224, 1000)
+    # an explicit flag wins over the experiment
+    args = step_cost.parse_args(["--experiment", "digits", "--image-size", "8"])
+    assert (args.settings["in_channels"], args.settings["image_size"]) == (1, 8)
+    assert args.settings["bn_stats"] == "private"
+
+
+def test_step_cost_runs_end_to_end(step_cost, capsys) -> None:
+    argv = ["--arch", "cifar_resnet20", "--subnets", "[[1,1,1]]", "--batch-size", "4"]
+    argv += ["--image-size", "8", "--repeats", "1", "--warmup", "0", "--threads", "0"]
+    threads = torch.get_num_threads()
+    result = step_cost.main(argv)
+    assert torch.get_num_threads() == threads
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == result
+    keys = ("ekd_over_individual", "ideal_flops_ratio", "shared_over_unshared", "distill_overhead")
+    assert all(key in result for key in keys)
+    # the prefix tree runs [3,3,3] + [1,1,1] as 9 + 2 blocks instead of 9 + 3
+    assert 0.5 < result["ideal_flops_ratio"] < 1.0
