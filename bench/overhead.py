@@ -1,0 +1,359 @@
+"""What our framework layers cost over plain PyTorch (issue 7), in three interleaved parts.
+
+(a) ``lightning``: ``EKDModule`` under a real ``lightning.Trainer`` against a hand-written loop
+    doing the same computation (same seeded net, ``EKDLoss``, SGD, in-memory ``DataLoader``):
+    steady-state steps/s, lightning / raw (target >= 0.95). The runs alternate; every run
+    starts from the same weights, and the final weights of the two are compared.
+(b) ``resnet50``: a full-net training step (forward, backward, SGD) of our ImageNet
+    ``build_net("resnet50")`` run as ``net(x)`` against ``torchvision.models.resnet50()`` with
+    the same weights, interleaved step by step: time ours / torchvision (target <= 1.03).
+    A second copy of torchvision's net runs beside them as an A/A control: its ratio to
+    torchvision's is this machine's noise floor for the comparison.
+(c) ``data``: EKD training steps fed by the real ``DigitsDataModule`` loader (per-sample random
+    shift) against the same tensors preloaded (``TensorDataset``, no transform), alternating
+    step by step: steps/s real / preloaded (target >= 0.95).
+
+The last line printed is one JSON object with the ratios.
+
+    python bench/overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import itertools
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ekd_ddnn.data import DigitsDataModule
+from ekd_ddnn.data.synthetic import make_synthetic
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import DepthDynamicNet, build_net
+from ekd_ddnn.models.imagenet_resnet import to_torchvision_state_dict
+
+SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+# --------------------------------------------------------------------------- (a) Lightning
+def raw_step(net: DepthDynamicNet, batches: Iterator[tuple[Tensor, Tensor]]) -> Callable[[], None]:
+    """One hand-written EKD training step of ``net`` on the next batch of ``batches``."""
+    loss_fn = EKDLoss()
+    # one group of every trainable parameter: what EKDModule.configure_optimizers builds
+    optimizer = SGD([{"params": [p for p in net.parameters() if p.requires_grad]}])
+
+    def step() -> None:
+        x, y = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        outputs = net.forward_depths(x, net.depths)
+        loss = loss_fn([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_lightning(steps: int, warmup: int, batch_size: int) -> dict:
+    """Part (a): ``EKDModule`` under a bare ``lightning.Trainer`` against a raw loop.
+
+    Both train a copy of one seeded net on the same batches in the same order. They alternate
+    step by step: a callback runs one raw step at the end of each Lightning step, so each pair
+    of steps sees the same machine load. A Lightning step is the time from the end of the
+    previous raw step to the end of Lightning's next ``on_train_batch_end``: it covers every
+    hook, the batch fetch, forward, backward, optimiser step and the module's logging.
+    """
+    import lightning as L
+
+    from ekd_ddnn.module import EKDModule
+
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2]], num_classes=10, image_size=32)
+    data = make_synthetic(steps * batch_size, 10, 3, 32, seed=0)  # one epoch of `steps` batches
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
+    raw_net = copy.deepcopy(net).train()
+    step_raw = raw_step(raw_net, iter(loader))
+
+    class Interleave(L.Callback):
+        def __init__(self) -> None:
+            self.lightning: list[float] = []
+            self.raw: list[float] = []
+            self.first_batch = self.resumed = 0.0
+
+        def on_train_batch_start(self, *args, **kwargs) -> None:
+            self.first_batch = self.first_batch or time.perf_counter()
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            now = time.perf_counter()
+            if self.resumed:
+                self.lightning.append(now - self.resumed)
+            with torch.enable_grad():
+                step_raw()
+            self.resumed = time.perf_counter()
+            self.raw.append(self.resumed - now)
+
+    clock = Interleave()
+    module = EKDModule(copy.deepcopy(net), EKDLoss(), optimizer=SGD)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    end = time.perf_counter()
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(
+            module.net.state_dict().values(), raw_net.state_dict().values(), strict=True
+        )
+        if a.is_floating_point()
+    )
+    # Lightning's step i pairs with the raw step just before it (step i-1's callback)
+    pairs = list(zip(clock.lightning, clock.raw, strict=False))[warmup:]
+    return {
+        "ms_per_step": {
+            "lightning": 1e3 * statistics.median(p[0] for p in pairs),
+            "raw": 1e3 * statistics.median(p[1] for p in pairs),
+        },
+        "ratio": statistics.median(r / li for li, r in pairs),
+        "fixed_s": (clock.first_batch - start) + (end - clock.resumed),
+        "max_weight_diff": diff,
+        "pairs": len(pairs),
+    }
+
+
+# --------------------------------------------------------------------------- (b) ResNet-50
+def classifier_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable:
+    """One cross-entropy training step of ``model`` (a DDNN's full depth or a plain net)."""
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def bench_resnet50(repeats: int, warmup: int, batch_size: int, image_size: int) -> dict:
+    """Part (b): our ResNet-50 DDNN (full depth) against torchvision's, step by step."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    ours = build_net("resnet50").train()
+    theirs = resnet50().train()
+    theirs.load_state_dict(to_torchvision_state_dict(ours.state_dict()))
+    # A/A control, built like torchvision's: the noise floor of this comparison on this machine
+    # (a deepcopy instead ran a steady 3-5% slower here: memory placement alone moves it)
+    control = resnet50().train()
+    control.load_state_dict(theirs.state_dict())
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    y = torch.randint(1000, (batch_size,))
+    steps = {
+        name: classifier_step(model, SGD(model.parameters()))
+        for name, model in (("ours", ours), ("torchvision", theirs), ("control", control))
+    }
+    times, losses = _interleave(steps, lambda: (x, y), repeats, warmup)
+    return {
+        "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "ratio": statistics.median(_ratios(times["ours"], times["torchvision"])),
+        "control_ratio": statistics.median(_ratios(times["control"], times["torchvision"])),
+        "first_loss_diff": abs(losses["ours"] - losses["torchvision"]),
+    }
+
+
+def _ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    return [a / b for a, b in zip(num, den, strict=True)]
+
+
+def _interleave(
+    steps: dict[str, Callable[[Tensor, Tensor], Tensor]],
+    batch: Callable[[], tuple[Tensor, Tensor]] | dict[str, Callable[[], tuple[Tensor, Tensor]]],
+    repeats: int,
+    warmup: int,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Interleave the steps (cycling through every order); time each, batch fetch included.
+
+    Returns the post-warm-up seconds per step and each step's first loss.
+    """
+    names = list(steps)
+    fetch = batch if isinstance(batch, dict) else dict.fromkeys(names, batch)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    first: dict[str, float] = {}
+    orders = list(itertools.permutations(names))  # each position and predecessor equally often
+    for r in range(warmup + repeats):
+        for name in orders[r % len(orders)]:
+            start = time.perf_counter()
+            loss = steps[name](*fetch[name]())
+            elapsed = time.perf_counter() - start
+            first.setdefault(name, loss.item())
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times, first
+
+
+# --------------------------------------------------------------------------- (c) data path
+def endless(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches of ``loader`` epoch after epoch (starting a new epoch is part of the cost)."""
+    while True:
+        yield from loader
+
+
+def bench_data(repeats: int, warmup: int, batch_size: int) -> dict:
+    """Part (c): EKD steps on the real digits loader against the same tensors preloaded."""
+    from step_cost import ekd_step
+
+    dm = DigitsDataModule(batch_size=batch_size, image_size=16)
+    dm.setup("fit")
+    real = dm.train_dataloader()
+    preloaded = DataLoader(dm.train_set.base, batch_size=batch_size, shuffle=True, drop_last=True)
+    assert isinstance(dm.train_set.base, TensorDataset)
+    torch.manual_seed(0)
+    net = build_net(
+        "cifar_resnet20",
+        subnets=[[2, 2, 2], [1, 1, 1]],
+        num_classes=10,
+        in_channels=1,
+        image_size=16,
+        bn_stats="private",  # as conf/experiment/digits.yaml
+    )
+    steps, batches = {}, {}
+    for name, loader in (("real", real), ("preloaded", preloaded)):
+        copy_ = copy.deepcopy(net).train()
+        steps[name] = ekd_step(copy_, EKDLoss(), SGD(copy_.parameters()))
+        batches[name] = endless(loader).__next__
+    times, _ = _interleave(steps, batches, repeats, warmup)
+    # the loaders alone: what fetching one batch costs
+    fetch: dict[str, list[float]] = {"real": [], "preloaded": []}
+    for _ in range(2 * len(real)):
+        for name in fetch:
+            start = time.perf_counter()
+            batches[name]()
+            fetch[name].append(time.perf_counter() - start)
+    return {
+        "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "ms_per_fetch": {k: 1e3 * statistics.median(v) for k, v in fetch.items()},
+        "ratio": statistics.median(_ratios(times["preloaded"], times["real"])),
+    }
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="(a) steps of each")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (a, b, c)")
+    parser.add_argument("--repeats", type=int, default=24, help="(b) timed steps of each")
+    parser.add_argument("--data-repeats", type=int, default=60, help="(c) timed steps of each")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
+        "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
+    )
+    parser.add_argument(
+        "--parts", default="lightning,resnet50,data", help="comma-separated subset to run"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the bench, print its report and return the ratios (the last line's JSON)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:  # leave the process as it was (tests call main in-process)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    warnings.filterwarnings("ignore")  # Lightning's num_workers / log-interval advice
+    torch.set_flush_denormal(True)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    result: dict = {}
+    print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    if "lightning" in parts:
+        a = bench_lightning(args.steps, args.warmup, batch_size=64)
+        result["lightning_over_raw"] = a["ratio"]
+        print(
+            f"(a) cifar_resnet20 ⊃ [2,2,2], 32x32, batch 64, EKD; {args.steps} steps of each, "
+            f"alternating step by step; medians of {a['pairs']} pairs after {args.warmup}"
+        )
+        print(
+            f"    ms/step: lightning {a['ms_per_step']['lightning']:.1f}, raw "
+            f"{a['ms_per_step']['raw']:.1f}; Lightning's fixed cost per fit() (setup before the "
+            f"first batch + teardown after the last): {a['fixed_s']:.2f} s"
+        )
+        print(f"    steps/s lightning / raw = {a['ratio']:.4f} (target >= 0.95)")
+        print(f"    max |weight difference| after training: {a['max_weight_diff']:.2e}")
+        sys.stdout.flush()
+
+    if "resnet50" in parts:
+        b = bench_resnet50(args.repeats, args.warmup, batch_size=8, image_size=64)
+        result["resnet50_ours_over_torchvision"] = b["ratio"]
+        result["resnet50_control_over_torchvision"] = b["control_ratio"]
+        print(
+            f"(b) resnet50 full-net train step, 64x64, batch 8; {args.repeats} interleaved steps "
+            "of ours, torchvision and a copy of torchvision's (control)"
+        )
+        ms = b["ms_per_step"]
+        print(
+            f"    ms/step: ours {ms['ours']:.1f}, torchvision {ms['torchvision']:.1f}, control "
+            f"{ms['control']:.1f}; |first loss difference| {b['first_loss_diff']:.1e}"
+        )
+        print(
+            f"    time ours / torchvision = {b['ratio']:.4f} (target <= 1.03); "
+            f"control / torchvision = {b['control_ratio']:.4f} (the noise floor)"
+        )
+        sys.stdout.flush()
+
+    if "data" in parts:
+        c = bench_data(args.data_repeats, args.warmup, batch_size=64)
+        result["data_real_over_preloaded"] = c["ratio"]
+        result["data_fetch_ms"] = c["ms_per_fetch"]
+        print(
+            "(c) digits, cifar_resnet20 ⊃ {[2,2,2],[1,1,1]}, 16x16, batch 64, EKD; "
+            f"{args.data_repeats} alternating steps"
+        )
+        print(
+            f"    ms/step: real loader {c['ms_per_step']['real']:.1f}, preloaded "
+            f"{c['ms_per_step']['preloaded']:.1f}; ms/batch fetch alone: real "
+            f"{c['ms_per_fetch']['real']:.2f}, preloaded {c['ms_per_fetch']['preloaded']:.2f}"
+        )
+        print(f"    steps/s real / preloaded = {c['ratio']:.4f} (target >= 0.95)")
+
+    result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    if "data_fetch_ms" in result:
+        result["data_fetch_ms"] = {k: round(v, 3) for k, v in result["data_fetch_ms"].items()}
+    result["config"] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

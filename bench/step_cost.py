@@ -1,0 +1,427 @@
+"""What one EKD training step costs, against training every depth alone (issue 7).
+
+In one process, on one fixed batch, interleaved within every repeat (the order rotates and
+reverses from repeat to repeat, so no mode always runs first), it times:
+
+- ``ekd``: one EKD step: ``net.forward_depths`` over every depth (block-level prefix tree),
+  the full EKD loss, backward, SGD step;
+- ``individual``: the K+1 depths as standalone networks (``net.extract``), each with its own
+  SGD optimiser and plain cross-entropy, stepped one after the other;
+- ``unshared``: the EKD step with each depth run on its own (``net(x, depth)``);
+- ``ddnn``: the shared step with cross-entropy only (``EKDLoss(mode="ddnn")``);
+- ``eval_shared`` / ``eval_separate``: evaluating every depth under ``torch.no_grad`` with one
+  ``forward_depths`` against one ``net(x, depth)`` pass per depth.
+
+Separately, the EKD and the CE-only loss alone (forward and backward on one step's outputs) give
+``distill_overhead_loss_only``, a low-noise estimate of what the distillation terms cost.
+The ideal ratio comes from ``torch.utils.flop_counter``: the FLOPs of one ``forward_depths``
+over every depth (each prefix-tree node once) over the sum of the standalone nets' FLOPs.
+The last line printed is one JSON object with the ratios.
+
+    python bench/step_cost.py                                   # CIFAR ResNet-56 ⊃ {44, 32}
+    python bench/step_cost.py --experiment imagenet_r50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
+
+Step = Callable[[Tensor, Tensor], Tensor]
+TRAIN_MODES = ("ekd", "individual", "unshared", "ddnn")
+EVAL_MODES = ("eval_shared", "eval_separate")
+
+
+# --------------------------------------------------------------------------- step functions
+def make_sgd(params) -> torch.optim.SGD:
+    """SGD as in ``conf/optimizer/sgd.yaml`` but lr 0.01: the benches step many times on one
+    batch and must stay finite (NaNs and denormals would distort the timings)."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def logits_of(output: Tensor | tuple[Tensor, list[Tensor]]) -> Tensor:
+    """Logits of a DDNN (``(logits, features)``) or of a plain network (a torchvision ResNet)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def ekd_step(
+    net: DepthDynamicNet,
+    loss_fn: EKDLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    shared: bool = True,
+) -> Step:
+    """One training step of every depth of ``net`` under ``loss_fn``; returns the loss.
+
+    ``shared``: run the depths as one prefix tree (``forward_depths``), else one
+    ``net(x, depth)`` pass per depth (the unshared reference).
+    """
+    depths = net.depths
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        outputs = net.forward_depths(x, depths) if shared else [net(x, d) for d in depths]
+        total = loss_fn([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        total.backward()
+        optimizer.step()
+        return total.detach()
+
+    return step
+
+
+def individual_step(nets: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> Step:
+    """One plain cross-entropy step of each standalone net in turn; returns the summed loss."""
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        total = torch.zeros((), device=x.device)
+        for net, optimizer in zip(nets, optimizers, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(logits_of(net(x)), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        return total
+
+    return step
+
+
+def eval_all_depths(net: DepthDynamicNet, *, shared: bool) -> Callable[[Tensor], list[Tensor]]:
+    """Logits of every depth of ``net`` (put it in eval mode first), without autograd."""
+    depths = net.depths
+
+    @torch.no_grad()
+    def run(x: Tensor) -> list[Tensor]:
+        if shared:
+            return [logits for logits, _ in net.forward_depths(x, depths)]
+        return [net(x, depth)[0] for depth in depths]
+
+    return run
+
+
+def build_modes(
+    net: DepthDynamicNet, x: Tensor, y: Tensor
+) -> dict[str, Callable[[], Tensor | list[Tensor]]]:
+    """Every timed mode as a no-argument callable, each on its own copy of ``net``'s weights
+    (so every mode starts from the same initialisation and owns its optimiser state)."""
+    modes: dict[str, Callable[[], Tensor | list[Tensor]]] = {}
+    for name, loss, shared in (
+        ("ekd", EKDLoss(), True),
+        ("unshared", EKDLoss(), False),
+        ("ddnn", EKDLoss(mode="ddnn"), True),
+    ):
+        copy_ = copy.deepcopy(net).train()
+        modes[name] = _bind(
+            ekd_step(copy_, loss, make_sgd(copy_.parameters()), shared=shared), x, y
+        )
+    standalone = [net.extract(depth).to(x.device).train() for depth in net.depths]
+    optimizers = [make_sgd(n.parameters()) for n in standalone]
+    modes["individual"] = _bind(individual_step(standalone, optimizers), x, y)
+    for name, shared in (("eval_shared", True), ("eval_separate", False)):
+        run = eval_all_depths(copy.deepcopy(net).eval(), shared=shared)
+        modes[name] = lambda run=run: run(x)
+    return modes
+
+
+def _bind(step: Step, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: step(x, y)
+
+
+def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Callable[[], None]]:
+    """The EKD and the CE-only loss, forward and backward, on one step's outputs held fixed.
+
+    Their time difference is the distillation terms' own cost, measured without the network
+    around it, so far less noisy than ``ekd`` against ``ddnn``. It leaves out one cost the
+    full step has: adding the attention-map gradients into the stage outputs' gradients.
+    """
+    with torch.no_grad():
+        outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
+
+    def run(loss_fn: EKDLoss) -> None:
+        logits = [o[0].detach().requires_grad_() for o in outputs]
+        features = [[f.detach().requires_grad_() for f in o[1]] for o in outputs]
+        loss_fn(logits, features, y).total.backward()
+
+    return {"loss_ekd": lambda: run(EKDLoss()), "loss_ddnn": lambda: run(EKDLoss(mode="ddnn"))}
+
+
+# --------------------------------------------------------------------------- FLOPs
+def forward_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of ``fn()`` (convolutions and matrix products) under ``FlopCounterMode``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def ideal_flops(net: DepthDynamicNet, x: Tensor) -> dict[str, int]:
+    """Forward FLOPs per image: the prefix tree over every depth, and the standalone nets."""
+    one = x[:1]
+    probe = copy.deepcopy(net).eval()
+    shared = forward_flops(lambda: probe.forward_depths(one, probe.depths))
+    nets = [probe.extract(d).to(one.device).eval() for d in probe.depths]
+    standalone = [forward_flops(lambda n=n: n(one)) for n in nets]
+    return {"shared": shared, "standalone_sum": sum(standalone), "full": standalone[0]}
+
+
+# --------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per call of every function, interleaved: each repeat runs every function once,
+    starting one further down the list each time, every other repeat in reverse order (so no
+    function always runs first or always follows the same one). Returns the post-warm-up
+    times and, on CUDA, each function's peak memory above what was allocated before its call
+    (MiB)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, float] = {}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        order = names[shift:] + names[:shift]
+        for name in order[::-1] if r % 2 else order:
+            if device.type == "cuda":
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            if device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times, peaks
+
+
+def paired_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """``num``'s time over ``den``'s time in the same repeat, for every repeat; their median
+    is the reported ratio and their spread shows the measurement noise."""
+    return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+
+# --------------------------------------------------------------------------- configuration
+def experiment_settings(name: str) -> dict:
+    """Model and input settings of ``conf/experiment/<name>.yaml`` (composed by Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ekd_ddnn import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}"])
+    GlobalHydra.instance().clear()
+    blocks = cfg.model.blocks
+    return {
+        "arch": cfg.model.arch,
+        "blocks": None if blocks is None else list(blocks),
+        "subnets": OmegaConf.to_container(cfg.model.subnets),
+        "bn_stats": cfg.model.bn_stats,
+        "image_size": int(cfg.data.image_size),
+        "num_classes": int(cfg.data.num_classes),
+        "in_channels": int(cfg.data.in_channels),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", help="take the model and input from this experiment")
+    parser.add_argument("--arch", help="full-net architecture (default cifar_resnet56)")
+    parser.add_argument(
+        "--subnets", type=json.loads, help='sub-net depths as JSON (default "[[7,7,7],[5,5,5]]")'
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, help="default: the architecture's")
+    parser.add_argument("--num-classes", type=int, help="default: the architecture's")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
+        "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    # explicit flags > the experiment's settings > the defaults
+    settings = {"arch": "cifar_resnet56", "subnets": [[7, 7, 7], [5, 5, 5]], "blocks": None}
+    settings |= {"bn_stats": "shared", "in_channels": 3, "image_size": None, "num_classes": None}
+    if args.experiment:
+        try:
+            settings |= experiment_settings(args.experiment)
+        except Exception as exc:  # Hydra's missing-config error names the available options
+            parser.error(f"cannot compose experiment={args.experiment}: {exc}")
+    for key in ("arch", "subnets", "image_size", "num_classes"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if settings["arch"] not in ARCHS:
+        parser.error(f"unknown --arch {settings['arch']!r}; choose one of {sorted(ARCHS)}")
+    spec = ARCHS[settings["arch"]]
+    settings["image_size"] = settings["image_size"] or spec.image_size
+    settings["num_classes"] = settings["num_classes"] or spec.num_classes
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.settings = settings
+    return args
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the bench, print its report and return the ratios (the last line's JSON)."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:  # leave the process as it was (tests call main in-process)
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    s = args.settings
+    device = torch.device(args.device)
+    torch.set_flush_denormal(True)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    net = build_net(
+        s["arch"],
+        blocks=s["blocks"],
+        subnets=s["subnets"],
+        num_classes=s["num_classes"],
+        in_channels=s["in_channels"],
+        image_size=s["image_size"],
+        bn_stats=s["bn_stats"],
+    ).to(device)
+    shape = (args.batch_size, s["in_channels"], s["image_size"], s["image_size"])
+    x = torch.randn(shape, device=device)
+    y = torch.randint(s["num_classes"], (args.batch_size,), device=device)
+
+    flops = ideal_flops(net, x)
+    ideal = flops["shared"] / flops["standalone_sum"]
+    modes = build_modes(net, x, y)
+    start = time.perf_counter()
+    times, peaks = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
+    wall = time.perf_counter() - start
+    loss_times, _ = time_interleaved(
+        loss_only_modes(net, x, y), repeats=max(20, args.repeats), warmup=2, device=device
+    )
+    loss_extra = statistics.median(loss_times["loss_ekd"]) - statistics.median(
+        loss_times["loss_ddnn"]
+    )
+
+    config = {
+        "arch": s["arch"],
+        "depths": [list(d) for d in net.depths],
+        "names": net.names,
+        "batch_size": args.batch_size,
+        "image_size": s["image_size"],
+        "num_classes": s["num_classes"],
+        "in_channels": s["in_channels"],
+        "bn_stats": s["bn_stats"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    if args.experiment:
+        config["experiment"] = args.experiment
+    pairs = {
+        "ekd_over_individual": ("ekd", "individual"),
+        "shared_over_unshared": ("ekd", "unshared"),
+        "distill_overhead": ("ekd", "ddnn"),
+        "eval_shared_over_separate": ("eval_shared", "eval_separate"),
+    }
+    ranges = {key: paired_ratios(times, *pair) for key, pair in pairs.items()}
+    result = {key: statistics.median(r) for key, r in ranges.items()}
+    result["distill_overhead"] -= 1.0
+    result["distill_overhead_loss_only"] = loss_extra / statistics.median(times["ddnn"])
+    result["ideal_flops_ratio"] = ideal
+    result["ekd_over_ideal"] = result["ekd_over_individual"] / ideal - 1.0
+    result = {k: round(v, 4) for k, v in result.items()}
+
+    print(f"{s['arch']} depths {config['names']} {[list(d) for d in net.depths]}")
+    print(
+        f"batch {args.batch_size} x {s['in_channels']}x{s['image_size']}x{s['image_size']}, "
+        f"{config['device']} ({platform.processor() or platform.machine()}, "
+        f"{config['threads']} threads), torch {torch.__version__}; "
+        f"{args.repeats} repeats after {args.warmup} warm-up, interleaved ({wall:.0f} s)"
+    )
+    print(
+        f"forward GFLOPs/image: full-net {flops['full'] / 1e9:.4f}, prefix tree "
+        f"{flops['shared'] / 1e9:.4f}, standalone sum {flops['standalone_sum'] / 1e9:.4f}"
+    )
+    full = flops["full"]
+    ideal_of = {
+        "ekd": flops["shared"],
+        "individual": flops["standalone_sum"],
+        "unshared": flops["standalone_sum"],
+        "ddnn": flops["shared"],
+        "eval_shared": flops["shared"],
+        "eval_separate": flops["standalone_sum"],
+    }
+    ideal_of_ratio = dict.fromkeys(pairs, ideal) | {"distill_overhead": 1.0}
+    print()
+    print(f"| {'mode':<14}| median ms | min ms    | FLOPs / full-net | peak extra MiB |")
+    print("|---------------|-----------|-----------|------------------|----------------|")
+    for name in (*TRAIN_MODES, *EVAL_MODES):
+        med, low = statistics.median(times[name]) * 1e3, min(times[name]) * 1e3
+        peak = f"{peaks[name]:.0f}" if name in peaks else "n/a on CPU"
+        print(
+            f"| {name:<14}| {med:9.1f} | {low:9.1f} | {ideal_of[name] / full:16.3f} | {peak:>14} |"
+        )
+    print()
+    spread = {k: f"[{min(r):.3f}, {max(r):.3f}]" for k, r in ranges.items()}
+    gap = f"{100 * result['ekd_over_ideal']:+.1f}% vs"
+    for label, key, note in (
+        ("ekd / sum(individual)", "ekd_over_individual", gap),
+        ("shared / unshared (EKD)", "shared_over_unshared", "FLOPs"),
+        ("eval shared / separate", "eval_shared_over_separate", "FLOPs"),
+        ("ekd / ddnn", "distill_overhead", "FLOPs"),
+    ):
+        value = result[key] + (key == "distill_overhead")
+        print(
+            f"{label:<24} {value:.4f} {spread[key]:<16}  ({note} ideal {ideal_of_ratio[key]:.4f})"
+        )
+    print(f"distill_overhead = ekd / ddnn - 1 = {100 * result['distill_overhead']:+.2f}%")
+    print(
+        f"distill_overhead_loss_only = {100 * result['distill_overhead_loss_only']:+.2f}% of the "
+        f"ddnn step: EKD loss fwd+bwd {1e3 * statistics.median(loss_times['loss_ekd']):.1f} ms, "
+        f"CE-only {1e3 * statistics.median(loss_times['loss_ddnn']):.1f} ms"
+    )
+    print("targets: ekd / sum(individual) within +5% of its ideal; distill_overhead <= +3%")
+    print("ratios: median [min, max] over the repeats of the two modes' times in one repeat")
+    sys.stdout.flush()
+    result["config"] = config
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
