@@ -8,13 +8,14 @@ import signal
 from lightning.pytorch.callbacks import Callback
 
 
-class KillAtEpochStart(Callback):
-    """SIGKILL this process when epoch ``epoch`` starts (the previous epoch's checkpoint is
-    on disk by then): a crash nothing can intercept."""
+class SignalAtEpochStart(Callback):
+    """Send this process ``signum`` (default SIGKILL, a crash nothing can intercept) when
+    epoch ``epoch`` starts; the previous epoch's checkpoint is on disk by then."""
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, signum: int = signal.SIGKILL) -> None:
         self.epoch = epoch
+        self.signum = signum
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)

@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import secrets
+import signal
 from pathlib import Path
 
 import fsspec.implementations.local
@@ -37,7 +38,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     and the same final weights as the run left alone."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run_cli("train", *RUN, f"hydra.run.dir={whole}").returncode == 0
-    kill = ["+callbacks.kill._target_=tests.helpers.KillAtEpochStart", "+callbacks.kill.epoch=2"]
+    kill = ["+callbacks.kill._target_=tests.helpers.SignalAtEpochStart", "+callbacks.kill.epoch=2"]
     result = run_cli("train", *RUN, *kill, f"hydra.run.dir={killed}")
     assert result.returncode == -9  # SIGKILL: no handler ran
     assert not (killed / "results.json").exists()
@@ -57,6 +58,23 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def _logged_epochs(run_dir: Path) -> set[int]:
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
         return {int(float(row["epoch"])) for row in csv.DictReader(f) if row["epoch"]}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    """SIGTERM (SLURM's pre-emption notice) mid-run: checkpoints/interrupted.ckpt holds the
+    state at that moment and loads safely."""
+    term = [
+        "+callbacks.term._target_=tests.helpers.SignalAtEpochStart",
+        "+callbacks.term.epoch=1",
+        f"+callbacks.term.signum={int(signal.SIGTERM)}",
+    ]
+    result = run_cli("train", *RUN, *term, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM; continue with ckpt_path=" in result.stderr
+    interrupted = load_checkpoint(tmp_path / "checkpoints" / "interrupted.ckpt")
+    assert interrupted["epoch"] == 1 and "rng_state" in interrupted
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_resume_latest_and_run_dir_guard(tmp_path):

@@ -7,12 +7,15 @@ logs -> ``results.json`` / ``results.md`` in the run directory.
 from __future__ import annotations
 
 import contextlib
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ekd_ddnn import CONFIG_DIR
@@ -130,8 +133,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers when set."""
     use_hydra_job_rank_command()
-    with ddp_job_scope():
-        metrics, _ = train(cfg)
+    try:
+        with ddp_job_scope():
+            metrics, _ = train(cfg)
+    except SIGTERMException:
+        saved = Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"
+        print(f"stopped by SIGTERM; continue with ckpt_path={saved}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     key = cfg.get("optimized_metric")
     return metrics.get(key) if key else None
 
