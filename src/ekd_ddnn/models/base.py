@@ -278,6 +278,13 @@ class DepthDynamicNet(nn.Module):
         return net
 
 
+def kaiming_init_convs(module: nn.Module) -> None:
+    """He initialisation of every convolution (fan-out, ReLU), as torchvision's ResNet does."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 def count_params(module: nn.Module) -> int:
     """Number of parameters (BatchNorm running statistics excluded)."""
     return sum(p.numel() for p in module.parameters())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 
-from ekd_ddnn.models.base import Depth, DepthDynamicNet
+from ekd_ddnn.models.base import Depth, DepthDynamicNet, kaiming_init_convs
 
 WIDTHS = (16, 32, 64)
 
@@ -52,7 +52,5 @@ def cifar_resnet(
     net = DepthDynamicNet(
         stem, stages, head, subnets=subnets, namer=cifar_resnet_name, config=config
     )
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    kaiming_init_convs(net)
     return net

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ekd_ddnn.models.base import Depth, DepthDynamicNet
+from ekd_ddnn.models.base import Depth, DepthDynamicNet, kaiming_init_convs
 
 WIDTHS = (64, 128, 256, 512, 512)
 
@@ -53,7 +53,5 @@ def cifar_vgg(
     net = DepthDynamicNet(
         nn.Identity(), stages, head, subnets=subnets, namer=vgg_name, config=config
     )
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    kaiming_init_convs(net)
     return net
