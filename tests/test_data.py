@@ -560,7 +560,7 @@ def test_digits_normalised_with_training_statistics():
     """The un-augmented training images have mean 0 and std 1 (to 1e-4)."""
     dm = DigitsDataModule()
     dm.setup()
-    train_images = dm.train_set.base.tensors[0]
+    train_images = dm.train_set.tensors[0]
     assert train_images.shape == (1437, 1, 16, 16)
     assert abs(float(train_images.mean())) < 1e-4
     assert abs(float(train_images.std()) - 1) < 1e-4
@@ -575,26 +575,40 @@ def test_digits_split_is_seeded_and_disjoint():
     for dm in (a, b, c):
         dm.setup()
     assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
-    assert torch.equal(a.train_set.base.tensors[1], b.train_set.base.tensors[1])
+    assert torch.equal(a.train_set.tensors[1], b.train_set.tensors[1])
     assert not torch.equal(a.val_set.tensors[1], c.val_set.tensors[1])
     # The three splits together hold every image once: same label counts as the full data.
     from sklearn.datasets import load_digits
 
     full = np.bincount(load_digits().target, minlength=10).tolist()
     for dm in (a, c):
-        parts = [dm.train_set.base.tensors[1], dm.val_set.tensors[1], dm.test_set.tensors[1]]
+        parts = [dm.train_set.tensors[1], dm.val_set.tensors[1], dm.test_set.tensors[1]]
         assert torch.bincount(torch.cat(parts), minlength=10).tolist() == full
 
 
-def test_digits_training_shift_keeps_shape_and_changes_pixels():
-    """Training items are randomly shifted copies (padding image_size // 8) of the base images."""
-    dm = DigitsDataModule()
+def test_digits_training_batches_are_shifted_crops():
+    """Each training image is a crop of its zero-padded original (pad image_size // 8 = 2),
+    offset per image: RandomCrop(padding=2), applied to the whole batch at once."""
+    dm = DigitsDataModule(batch_size=1437)
     dm.setup()
-    base, _ = dm.train_set.base[0]
     torch.manual_seed(0)
-    shifted = [dm.train_set[0][0] for _ in range(20)]
-    assert all(s.shape == (1, 16, 16) for s in shifted)
-    assert any(not torch.equal(s, base) for s in shifted)
+    dm.train_dataloader()  # the loader shuffles: match images to originals through labels
+    images, labels = dm.train_set.tensors
+    shifted, _ = dm.train_collate([(images[i], labels[i]) for i in range(64)])
+    padded = torch.nn.functional.pad(images[:64], (2, 2, 2, 2))
+    offsets = []
+    for i in range(64):
+        found = [
+            (a, b)
+            for a in range(5)
+            for b in range(5)
+            if torch.equal(shifted[i], padded[i, :, a : a + 16, b : b + 16])
+        ]
+        assert found, i
+        offsets.append(found[0])
+    assert len(set(offsets)) > 5  # offsets differ between images
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (1437, 1, 16, 16) and y.shape == (1437,)
 
 
 def test_digits_config_errors():

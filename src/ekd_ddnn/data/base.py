@@ -7,25 +7,9 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ekd_ddnn.errors import UserError
-
-
-class TransformedDataset(Dataset):
-    """Applies ``transform`` to the image of each ``(image, label)`` pair of ``base``."""
-
-    def __init__(self, base: Dataset, transform: Callable[[Tensor], Tensor]) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.base[index]
-        return self.transform(image), label
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -60,6 +44,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_collate: Callable | None = None  # batched training augmentation
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -84,6 +69,7 @@ class ImageDataModule(L.LightningDataModule):
             shuffle=train,
             sampler=sampler,
             drop_last=train,
+            collate_fn=self.train_collate if train else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
