@@ -226,8 +226,9 @@ def bench_data(repeats: int, warmup: int, batch_size: int) -> dict:
     dm = DigitsDataModule(batch_size=batch_size, image_size=16)
     dm.setup("fit")
     real = dm.train_dataloader()
-    preloaded = DataLoader(dm.train_set.base, batch_size=batch_size, shuffle=True, drop_last=True)
-    assert isinstance(dm.train_set.base, TensorDataset)
+    # the same tensors without the augmentation (the real loader shifts batches in collate)
+    preloaded = DataLoader(dm.train_set, batch_size=batch_size, shuffle=True, drop_last=True)
+    assert isinstance(dm.train_set, TensorDataset)
     torch.manual_seed(0)
     net = build_net(
         "cifar_resnet20",
