@@ -296,3 +296,26 @@ def test_prefix_tree_macs_ratio_matches_design():
     full = flops(lambda: net(x))
     assert round(flops(lambda: net.forward_depths(x, net.depths)) / full, 2) == 1.59
     assert round(sum(flops(lambda d=d: net(x, d)) for d in net.depths) / full, 2) == 2.68
+
+
+@pytest.mark.parametrize(("arch", "subnets", "size"), FAMILIES[:3])
+def test_channels_last_equals_default_layout(arch, subnets, size):
+    """model.channels_last gives the logits and gradients of the NCHW layout. Compared in
+    float64 (to 1e-9): in float32, train-mode BatchNorm over tiny 2x2 maps amplifies the
+    other kernels' rounding to ~2% in some deep gradients, which says nothing of the code."""
+    torch.manual_seed(0)
+    nchw = build_net(arch, subnets=subnets).train().double()
+    nhwc = build_net(arch, subnets=subnets, channels_last=True).train().double()
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    first_conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
+    outputs = [net.forward_depths(x, net.depths) for net in (nchw, nhwc)]
+    for (a, _), (b, feats) in zip(*outputs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+        assert feats[0].is_contiguous(memory_format=torch.channels_last)
+    for outs in outputs:
+        sum(lg.square().mean() for lg, _ in outs).backward()
+    for (name, p), q in zip(nchw.named_parameters(), nhwc.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)

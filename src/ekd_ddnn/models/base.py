@@ -169,6 +169,8 @@ class DepthDynamicNet(nn.Module):
                 )
         features: list[list[Tensor]] = [[] for _ in depths]
         logits: list[Tensor | None] = [None] * len(depths)
+        if self.config.get("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
         group = list(range(len(depths)))
         stats = [self.depths.index(d) for d in depths] if self.private_bn_stats else None
         x = self._run_module(self.stem, x, group, stats)

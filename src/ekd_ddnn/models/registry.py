@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from ekd_ddnn.errors import InvalidDepthError, UserError
 from ekd_ddnn.models.base import DepthDynamicNet
 from ekd_ddnn.models.cifar_resnet import cifar_resnet
@@ -64,6 +66,7 @@ def build_net(
     image_size: int | None = None,
     weights_path: str | None = None,
     bn_stats: str = "shared",
+    channels_last: bool = False,
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
 
@@ -72,6 +75,9 @@ def build_net(
     ``weights_path`` (ImageNet family only) loads a local torchvision state-dict file.
     ``bn_stats``: ``shared`` (the paper) or ``private`` BatchNorm running statistics per
     depth (see :meth:`DepthDynamicNet.use_private_bn_stats`).
+    ``channels_last``: keep weights and activations in NHWC memory layout (faster convolutions
+    with mixed precision on tensor-core GPUs); results equal the default layout's up to
+    float rounding.
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
@@ -95,6 +101,7 @@ def build_net(
         "in_channels": int(in_channels),
         "image_size": int(image_size or spec.image_size),
         "bn_stats": bn_stats,
+        "channels_last": bool(channels_last),
     }
     kwargs = dict(spec.kwargs)
     if weights_path:
@@ -112,4 +119,6 @@ def build_net(
     net.config["subnets"] = [list(depth) for depth in net.subnets]
     if bn_stats == "private":
         net.use_private_bn_stats()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
     return net
