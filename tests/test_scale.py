@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -142,8 +143,14 @@ def test_wandb_offline_run_holds_every_net_and_the_table(compose_train, tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     train(compose_train(*TINY, "logger=wandb"))
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run_file = next(run_dir.glob("run-*.wandb"))
+    for _ in range(120):  # W&B's service may still be writing after finish() returns
+        records = list(_wandb_records(run_file))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     keys = set()
-    for record in _wandb_records(next(run_dir.glob("run-*.wandb"))):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
     for name in ("resnet20", "resnet14", "resnet8"):
