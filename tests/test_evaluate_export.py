@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from hydra.utils import instantiate
 
-from ekd_ddnn.checkpoint import load_checkpoint, net_from_checkpoint
+from ekd_ddnn.calibration import recalibrate_bn
+from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import evaluate
 from ekd_ddnn.export import export_depth
@@ -169,3 +171,39 @@ def test_cli_export_and_evaluate_errors(best, tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: checkpoint {tmp_path / 'nope.ckpt'} does not exist" in result.stderr
+
+
+def test_recalibrate_bn_in_evaluate_and_export(best, tmp_path):
+    """``recalibrate_bn=N`` evaluates the net whose every depth was recalibrated on N training
+    images (the same as calling :func:`recalibrate_bn` by hand), and export writes exactly
+    that depth's recalibrated statistics; bad values give one line."""
+    ckpt = load_checkpoint(best)
+    by_hand = net_from_checkpoint(ckpt, best)
+    recalibrate_bn(by_hand, instantiate(data_config(ckpt)), 96, seed=42)
+    original = net_from_checkpoint(ckpt, best)
+    bn = "stages.2.0.bn1.running_mean"
+    assert not torch.allclose(by_hand.state_dict()[bn], original.state_dict()[bn])
+
+    cfg = compose_config(
+        "evaluate", [f"ckpt_path={best}", "recalibrate_bn=96", "speed.enabled=false"], tmp_path
+    )
+    rows, built = evaluate(cfg)
+    evaluated = built["module"].net.state_dict()
+    assert sorted(evaluated) == sorted(by_hand.state_dict())
+    assert all(torch.equal(evaluated[k], v) for k, v in by_hand.state_dict().items())
+    assert "BatchNorm recalibrated on 96 images" in (tmp_path / "results.md").read_text()
+    assert [r["name"] for r in rows] == by_hand.names
+
+    out = tmp_path / "resnet14.pt"
+    args = [f"ckpt_path={best}", "depth=resnet14", f"out={out}", "recalibrate_bn=96"]
+    result = run_cli("export", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    exported = torch.load(out, weights_only=True)
+    expected = by_hand.extract([2, 2, 2]).state_dict()
+    assert sorted(exported) == sorted(expected)
+    assert all(torch.equal(exported[k], v) for k, v in expected.items())
+
+    result = run_cli("export", *args[:2], f"out={tmp_path / 'x.pt'}", "recalibrate_bn=100000")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "recalibrate_bn=100000 but the training split yields only" in result.stderr
+    assert not (tmp_path / "x.pt").exists()

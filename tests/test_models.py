@@ -3,10 +3,13 @@ prefix tree against separate runs, names, and invalid depths."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from ekd_ddnn.errors import InvalidDepthError, UserError
 from ekd_ddnn.models import build_net, count_macs, count_params, list_archs
@@ -191,6 +194,41 @@ def test_private_bn_stats_are_per_depth():
     assert torch.equal(net.stem[1].running_mean, net.stem[1].running_mean_d1)
 
 
+def _recalibrated_alone(net: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """Reference: plain torch BatchNorm re-estimation on a standalone copy."""
+    for bn in net.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.reset_running_stats()
+            bn.momentum = None
+    with torch.no_grad():
+        for x in batches:
+            net.train()(x)
+    return net.eval()
+
+
+@pytest.mark.parametrize("bn_stats", ["shared", "private"])
+def test_recalibrate_bn_stats_equals_plain_reestimation(bn_stats):
+    """Each depth ends with the statistics a standalone copy re-estimated alone gets, and the
+    stem's running mean is the mean of its conv outputs over all images (equal batches)."""
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], bn_stats=bn_stats)
+    net.forward_depths(torch.randn(8, 3, 16, 16), net.depths)  # statistics to overwrite
+    batches = [torch.randn(6, 3, 16, 16) + i for i in range(3)]
+    refs = {d: _recalibrated_alone(net.extract(d), batches) for d in net.depths}
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    net.eval().recalibrate_bn_stats(batches)
+    assert net.private_bn_stats and not net.training
+    assert all(torch.equal(v, weights[k]) for k, v in net.named_parameters())
+    assert all(bn.momentum == 0.1 for bn in net.modules() if isinstance(bn, nn.BatchNorm2d))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        for depth, ref in refs.items():
+            torch.testing.assert_close(net(x, depth)[0], ref(x)[0], rtol=1e-5, atol=1e-5)
+            stem_mean = net.extract(depth).stem[1].running_mean
+            conv_out = net.stem[0](torch.cat(batches))
+            torch.testing.assert_close(stem_mean, conv_out.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("arch", "depth", "message"),
     [
@@ -319,3 +357,52 @@ def test_channels_last_equals_default_layout(arch, subnets, size):
         sum(lg.square().mean() for lg, _ in outs).backward()
     for (name, p), q in zip(nchw.named_parameters(), nhwc.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_compiled_depths_equal_eager_and_compile_once_per_mode():
+    """torch.compile of the multi-depth forward: the same logits, losses and gradients as eager
+    (Dynamo's graphs run through a counting backend: inductor's code generation is for the GPU
+    bench), one graph for every training step, one for eval, one once the batch size changes."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_net("cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], image_size=8)
+    compiled = copy.deepcopy(eager)
+    counter = CompileCounter()
+    compiled.compile_depths(backend=counter)
+    optims = [torch.optim.SGD(n.parameters(), lr=0.1) for n in (eager, compiled)]
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+        losses = []
+        for net, opt in zip((eager, compiled), optims, strict=True):
+            opt.zero_grad()
+            outs = net.train().forward_depths(x, net.depths)
+            loss = sum(F.cross_entropy(logits, y) for logits, _ in outs)
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+        for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1  # not one per step
+    with torch.no_grad():
+        for batch in (8, 8, 5, 3):
+            x = torch.randn(batch, 3, 8, 8)
+            for (a, _), (b, _) in zip(
+                eager.eval().forward_depths(x, eager.depths),
+                compiled.eval().forward_depths(x, compiled.depths),
+                strict=True,
+            ):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 3  # + eval, + eval with a dynamic batch size
+    assert sorted(compiled.state_dict()) == sorted(eager.state_dict())
+    torch._dynamo.reset()
+
+
+def test_build_net_compile_flag():
+    """model.compile=true compiles the multi-depth forward and records it in the config."""
+    net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], compile=True)
+    assert net.config["compile"] is True
+    assert hasattr(net.forward_depths, "_torchdynamo_orig_callable")
+    assert not hasattr(build_net("cifar_resnet20").forward_depths, "_torchdynamo_orig_callable")

@@ -57,6 +57,7 @@ def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicN
     """Rebuild the network from the checkpoint's builder arguments and load its weights."""
     config = dict(ckpt["hyper_parameters"]["net_config"])
     config.pop("weights_path", None)
+    config.pop("compile", None)  # evaluation and export run eager
     net = build_net(**config)
     state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     try:
@@ -73,3 +74,11 @@ def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicN
 def loss_from_checkpoint(ckpt: dict[str, Any]) -> EKDLoss:
     """The loss settings the checkpoint was trained with (they decide the trained depths)."""
     return EKDLoss(**ckpt["hyper_parameters"].get("loss", {}))
+
+
+def data_config(ckpt: dict[str, Any], override: Any = None) -> Any:
+    """The data config to evaluate on: ``override`` (``data=<name>``) or the checkpoint's."""
+    data_cfg = override or ckpt["hyper_parameters"].get("config", {}).get("data")
+    if not data_cfg:
+        raise UserError("the checkpoint records no data; pass data=<name> and data.data_dir=...")
+    return data_cfg

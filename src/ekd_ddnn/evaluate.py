@@ -16,7 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import load_checkpoint, loss_from_checkpoint, net_from_checkpoint
+from ekd_ddnn.calibration import recalibrate_bn
+from ekd_ddnn.checkpoint import (
+    data_config,
+    load_checkpoint,
+    loss_from_checkpoint,
+    net_from_checkpoint,
+)
 from ekd_ddnn.errors import UserError, report_user_errors, run_app
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import (
@@ -48,10 +54,7 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     ckpt = load_checkpoint(cfg.ckpt_path)
     net = net_from_checkpoint(ckpt, cfg.ckpt_path)
     module = EKDModule(net, loss_from_checkpoint(ckpt))
-    data_cfg = cfg.get("data") or ckpt["hyper_parameters"].get("config", {}).get("data")
-    if not data_cfg:
-        raise UserError("the checkpoint records no data; pass data=<name> and data.data_dir=...")
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(data_config(ckpt, cfg.get("data")))
     split = _split(cfg.split, datamodule.has_test_split)
     for key in ("num_classes", "in_channels"):
         if getattr(datamodule, key) != net.config[key]:
@@ -59,6 +62,7 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
                 f"the checkpoint's network has {key}={net.config[key]} but the data has "
                 f"{key}={getattr(datamodule, key)}; evaluate on data of the kind it was trained on"
             )
+    recalibrate_bn(net, datamodule, cfg.recalibrate_bn, seed=cfg.seed)
     trainer = build_trainer(cfg.trainer, logger=False, enable_checkpointing=False)
     run = trainer.test if split == "test" else trainer.validate
     run(module, datamodule=datamodule, verbose=False)
@@ -84,6 +88,8 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
                 )
         out = Path(cfg.paths.output_dir)
         title = f"{Path(cfg.ckpt_path).name}: every depth on {split}"
+        if cfg.recalibrate_bn:
+            title += f", BatchNorm recalibrated on {cfg.recalibrate_bn} images"
         write_results(rows, out, title=title)
         plot_accuracy_vs_macs(rows, out / "accuracy_vs_macs.png", title=title)
         print(format_table(rows))

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import load_checkpoint, net_from_checkpoint
+from ekd_ddnn.calibration import recalibrate_bn
+from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError, report_user_errors, run_app
 from ekd_ddnn.models import DepthDynamicNet, count_params
 
@@ -118,7 +120,16 @@ def main(cfg: DictConfig) -> None:
             raise UserError(f"pass {key}=...: ckpt_path=<file> depth=<name or [blocks]> out=<path>")
     depth = cfg.depth
     depth = list(depth) if isinstance(depth, ListConfig) else str(depth)
-    net = net_from_checkpoint(load_checkpoint(cfg.ckpt_path), cfg.ckpt_path)
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    net = net_from_checkpoint(ckpt, cfg.ckpt_path)
+    if cfg.recalibrate_bn:
+        if net.depth_of(depth) not in net.depths:
+            raise UserError(
+                f"recalibrate_bn needs one of the depths the net trained, "
+                f"{[list(d) for d in net.depths]}; got {depth}"
+            )
+        datamodule = instantiate(data_config(ckpt, cfg.get("data")))
+        recalibrate_bn(net, datamodule, cfg.recalibrate_bn, seed=cfg.seed)
     info = export_depth(net, depth, cfg.out, fmt=cfg.format, overwrite=cfg.overwrite)
     print(
         f"exported {info['name']} {info['blocks']} ({info['params'] / 1e6:.2f}M params) as "

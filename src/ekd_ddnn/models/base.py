@@ -88,6 +88,49 @@ class DepthDynamicNet(nn.Module):
                     for key in BN_STATS:
                         bn.register_buffer(_stat_key(key, i), bn._buffers[key].clone())
 
+    @torch.no_grad()
+    def recalibrate_bn_stats(self, batches: Sequence[Tensor]) -> None:
+        """Re-estimate every depth's BatchNorm running statistics from ``batches``.
+
+        Each depth's statistics are reset and set to the exact average over the batches of
+        that depth alone in train mode (as Once-for-All does for every sub-net it deploys);
+        shared statistics become private ones first. Weights are not touched.
+        """
+        if not self.private_bn_stats:
+            self.use_private_bn_stats()
+        layers = [
+            m
+            for m in self.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        momenta = [bn.momentum for bn in layers]
+        training = self.training
+        try:
+            self.train()
+            for bn in layers:
+                bn.momentum = None  # cumulative average over the batches seen
+            for i, depth in enumerate(self.depths):
+                for bn in layers:
+                    bn._buffers[_stat_key("running_mean", i)].zero_()
+                    bn._buffers[_stat_key("running_var", i)].fill_(1)
+                    bn._buffers[_stat_key("num_batches_tracked", i)].zero_()
+                for x in batches:
+                    self(x, depth)
+        finally:
+            for bn, momentum in zip(layers, momenta, strict=True):
+                bn.momentum = momentum
+            self.train(training)
+
+    def compile_depths(self, **options) -> None:
+        """``torch.compile`` :meth:`forward_depths` (and so ``forward``) of this net.
+
+        The prefix tree is plain Python over the depths, so Dynamo unrolls it into one graph
+        per set of depths called, per train/eval mode and grad mode: a training run makes
+        one for the training steps and one or two for validation (a smaller last batch makes
+        the batch size dynamic once), not one per step. State-dict keys stay unchanged.
+        """
+        self.forward_depths = torch.compile(self.forward_depths, **options)
+
     # ----------------------------------------------------------------- depths and names
     @property
     def depths(self) -> list[Depth]:

@@ -67,6 +67,7 @@ def build_net(
     weights_path: str | None = None,
     bn_stats: str = "shared",
     channels_last: bool = False,
+    compile: bool = False,
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
 
@@ -78,6 +79,7 @@ def build_net(
     ``channels_last``: keep weights and activations in NHWC memory layout (faster convolutions
     with mixed precision on tensor-core GPUs); results equal the default layout's up to
     float rounding.
+    ``compile``: ``torch.compile`` the multi-depth forward (:meth:`DepthDynamicNet.compile_depths`).
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
@@ -102,6 +104,7 @@ def build_net(
         "image_size": int(image_size or spec.image_size),
         "bn_stats": bn_stats,
         "channels_last": bool(channels_last),
+        "compile": bool(compile),
     }
     kwargs = dict(spec.kwargs)
     if weights_path:
@@ -121,4 +124,6 @@ def build_net(
         net.use_private_bn_stats()
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    if compile:
+        net.compile_depths()
     return net

@@ -1,0 +1,95 @@
+"""The study command: every column and seed in one table, paired differences, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ekd_ddnn.study import summarise
+from tests.conftest import run_cli
+
+
+def test_summarise_by_hand():
+    """Means, sample stds and same-seed differences, computed by hand."""
+    rows = [
+        {"column": c, "seed": s, "name": n, "top1_err": e}
+        for c, s, n, e in [
+            ("ddnn", 0, "r20", 10.0), ("ddnn", 1, "r20", 14.0), ("ddnn", 0, "r14", 20.0),
+            ("ekd", 0, "r20", 9.0), ("ekd", 1, "r20", 11.0), ("ekd", 0, "r14", 17.0),
+            ("ekd", 1, "r14", 19.0),
+        ]
+    ]  # fmt: skip
+    out = summarise(rows, ["r20", "r14"], ["ddnn", "ekd"], [["ekd", "ddnn"]])
+    assert out["seeds"] == [0, 1]
+    assert out["top1_err"]["r20"]["ddnn"] == {"mean": 12.0, "std": 8**0.5, "n": 2}
+    assert out["top1_err"]["r14"]["ddnn"] == {"mean": 20.0, "std": None, "n": 1}
+    # per seed: -1 and -3 -> mean -2, sample std sqrt(2); r14 only seed 0 is paired
+    assert out["differences"]["ekd - ddnn"]["r20"] == {"mean": -2.0, "std": 2**0.5, "n": 2}
+    assert out["differences"]["ekd - ddnn"]["r14"] == {"mean": -3.0, "std": None, "n": 1}
+
+
+@pytest.mark.slow
+def test_study_smoke_table_and_resume(tmp_path):
+    """The smoke study trains every column and seed (individual: one job per depth), writes
+    one table, and a second run trains nothing; an unfinished job resumes from its checkpoint,
+    a job run with other settings is refused."""
+    root = tmp_path / "study"
+    args = ["study=smoke", "parallel=2", f"hydra.run.dir={root}"]
+    result = run_cli("study", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "study smoke: 10 jobs, 0 finished" in result.stdout
+
+    study = json.loads((root / "study.json").read_text())
+    columns = ["individual", "ddnn", "ekd", "ekd_no_ensemble"]
+    assert list(study["top1_err"]) == ["resnet20", "resnet8"]
+    for name in ("resnet20", "resnet8"):
+        assert list(study["top1_err"][name]) == columns
+        assert all(cell["n"] == 2 for cell in study["top1_err"][name].values())
+        for pair in ("ekd - ddnn", "ekd - individual", "ekd - ekd_no_ensemble"):
+            assert study["differences"][pair][name]["n"] == 2
+    assert len(study["rows"]) == 2 * (2 + 2 + 2 + 2)  # seeds x (2 individual jobs + 3 x 2 depths)
+    individual = {(r["job"], r["name"]) for r in study["rows"] if r["column"] == "individual"}
+    assert individual == {("individual-resnet20", "resnet20"), ("individual-resnet8", "resnet8")}
+    for row in study["rows"]:  # every number comes from its job's own results.json
+        job = json.loads((root / row["job"] / f"seed{row['seed']}" / "results.json").read_text())
+        assert row["top1_err"] == next(r["top1_err"] for r in job if r["name"] == row["name"])
+    table = (root / "study.md").read_text()
+    assert "| net | individual | ddnn | ekd | ekd_no_ensemble |" in table
+    assert "| net | ekd - ddnn | ekd - individual | ekd - ekd_no_ensemble |" in table
+
+    # again: nothing to train, the same table
+    logs = {p: p.stat().st_mtime_ns for p in root.glob("*/seed*/results.json")}
+    result = run_cli("study", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "study smoke: 10 jobs, 10 finished" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/seed*/results.json")} == logs
+    assert json.loads((root / "study.json").read_text()) == study
+
+    # an interrupted job (checkpoint, no results) continues from its checkpoint
+    (root / "ekd" / "seed1" / "results.json").unlink()
+    result = run_cli("study", *args, "dry_run=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "10 jobs, 9 finished" in result.stdout
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .endswith(f"hydra.run.dir={root}/ekd/seed1 resume={root}/ekd/seed1")
+    )
+    # a finished job run with other settings is not mixed into the table
+    result = run_cli("study", *args, "study.overrides.8='trainer.max_epochs=2'")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {root}/individual-resnet20/seed0 was run with other settings" in result.stderr
+    assert "trainer.max_epochs=1 trainer.max_epochs=2" in result.stderr
+
+
+def test_study_config_errors(tmp_path):
+    """A difference naming an undefined column, and an unknown study, in one line each."""
+    result = run_cli(
+        "study", "study=smoke", "study.differences=[[ekd,oracle]]", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "name column(s) ['oracle'] that study.columns does not define" in result.stderr
+    result = run_cli("study", "study=nope", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "error: unknown study 'nope'; choose one of: cifar10_subset_r20, smoke" in result.stderr
