@@ -177,6 +177,41 @@ def ideal_flops(net: DepthDynamicNet, x: Tensor) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- timing
+def saved_mib(fn: Callable[[], object], params: Sequence[Tensor]) -> float:
+    """MiB of the distinct tensors autograd saves for backward while ``fn`` runs, weights
+    excluded: the activations a training step holds at its peak, measured on any device."""
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / 2**20
+
+
+def activation_memory(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Activations (MiB) an EKD step keeps for backward, against each standalone net's."""
+    net = copy.deepcopy(net).train()
+    params = list(net.parameters())
+
+    def ekd_forward() -> None:
+        outputs = net.forward_depths(x, net.depths)
+        EKDLoss()([o[0] for o in outputs], [o[1] for o in outputs], y)
+
+    memory = {"ekd": saved_mib(ekd_forward, params)}
+    for depth, name in zip(net.depths, net.names, strict=True):
+        alone = net.extract(depth).train()
+        memory[name] = saved_mib(
+            lambda alone=alone: F.cross_entropy(logits_of(alone(x)), y), list(alone.parameters())
+        )
+    return memory
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -258,6 +293,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="only the activation memory of an EKD step vs each standalone net (no timing)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -322,6 +362,16 @@ def _run(args: argparse.Namespace) -> dict:
     x = torch.randn(shape, device=device)
     y = torch.randint(s["num_classes"], (args.batch_size,), device=device)
 
+    if args.memory_only:
+        memory = {k: round(v, 1) for k, v in activation_memory(net, x, y).items()}
+        largest = max(memory[name] for name in net.names)
+        print(f"{s['arch']} {net.names} batch {args.batch_size} at {s['image_size']}px")
+        print(
+            json.dumps(
+                {"activation_mib": memory, "ekd_over_largest": round(memory["ekd"] / largest, 4)}
+            )
+        )
+        return memory
     flops = ideal_flops(net, x)
     ideal = flops["shared"] / flops["standalone_sum"]
     modes = build_modes(net, x, y)
@@ -415,10 +465,19 @@ def _run(args: argparse.Namespace) -> dict:
         f"ddnn step: EKD loss fwd+bwd {1e3 * statistics.median(loss_times['loss_ekd']):.1f} ms, "
         f"CE-only {1e3 * statistics.median(loss_times['loss_ddnn']):.1f} ms"
     )
+    memory = activation_memory(net, x, y)
+    largest = max(memory[name] for name in net.names)
+    result["ekd_over_largest_individual_activations"] = round(memory["ekd"] / largest, 4)
+    print(
+        "activations saved for backward (MiB): ekd "
+        + f"{memory['ekd']:.0f}; alone: "
+        + ", ".join(f"{name} {memory[name]:.0f}" for name in net.names)
+        + f"; ekd / largest individual = {memory['ekd'] / largest:.3f}"
+    )
     print("targets: ekd / sum(individual) within +5% of its ideal; distill_overhead <= +3%")
     print("ratios: median [min, max] over the repeats of the two modes' times in one repeat")
     sys.stdout.flush()
-    result["config"] = config
+    result["config"] = config | {"activation_mib": {k: round(v, 1) for k, v in memory.items()}}
     print(json.dumps(result))
     return result
 

@@ -81,3 +81,17 @@ def test_step_cost_runs_end_to_end(step_cost, capsys) -> None:
     assert all(key in result for key in keys)
     # the prefix tree runs [3,3,3] + [1,1,1] as 9 + 2 blocks instead of 9 + 3
     assert 0.5 < result["ideal_flops_ratio"] < 1.0
+
+
+def test_saved_activation_memory_by_hand(step_cost):
+    """``saved_mib`` counts what autograd keeps for backward, weights excluded: a linear layer
+    keeps its input (4 x 1000 floats), the ReLU its output (4 x 10 floats)."""
+    layer = torch.nn.Linear(1000, 10)
+    x = torch.randn(4, 1000)
+    mib = step_cost.saved_mib(lambda: torch.relu(layer(x)), list(layer.parameters()))
+    assert mib * 2**20 == 4 * 1000 * 4 + 4 * 10 * 4
+    # the blocks the two depths share are counted once
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2]], image_size=8)
+    memory = step_cost.activation_memory(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    assert memory["resnet14"] < memory["resnet20"] < memory["ekd"]
+    assert memory["ekd"] < memory["resnet20"] + memory["resnet14"]
