@@ -113,27 +113,56 @@ def eval_all_depths(net: DepthDynamicNet, *, shared: bool) -> Callable[[Tensor],
 
 
 def build_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor
+    net: DepthDynamicNet, x: Tensor, y: Tensor, *, compile: bool = False
 ) -> dict[str, Callable[[], Tensor | list[Tensor]]]:
     """Every timed mode as a no-argument callable, each on its own copy of ``net``'s weights
-    (so every mode starts from the same initialisation and owns its optimiser state)."""
+    (so every mode starts from the same initialisation and owns its optimiser state).
+    ``compile``: ``torch.compile`` every copy (DDNN: ``compile_depths``; standalone nets:
+    ``nn.Module.compile``); the warm-up repeats absorb the compilation."""
+
+    def own_copy(mode: str) -> DepthDynamicNet:
+        copy_ = copy.deepcopy(net).train(mode != "eval")
+        if compile:
+            copy_.compile_depths()
+        return copy_
+
     modes: dict[str, Callable[[], Tensor | list[Tensor]]] = {}
     for name, loss, shared in (
         ("ekd", EKDLoss(), True),
         ("unshared", EKDLoss(), False),
         ("ddnn", EKDLoss(mode="ddnn"), True),
     ):
-        copy_ = copy.deepcopy(net).train()
+        copy_ = own_copy("train")
         modes[name] = _bind(
             ekd_step(copy_, loss, make_sgd(copy_.parameters()), shared=shared), x, y
         )
     standalone = [net.extract(depth).to(x.device).train() for depth in net.depths]
+    for alone in standalone:
+        if net.config.get("channels_last"):
+            alone.to(memory_format=torch.channels_last)
+        if compile:
+            alone.compile()
     optimizers = [make_sgd(n.parameters()) for n in standalone]
     modes["individual"] = _bind(individual_step(standalone, optimizers), x, y)
     for name, shared in (("eval_shared", True), ("eval_separate", False)):
-        run = eval_all_depths(copy.deepcopy(net).eval(), shared=shared)
+        run = eval_all_depths(own_copy("eval"), shared=shared)
         modes[name] = lambda run=run: run(x)
     return modes
+
+
+def with_autocast(
+    fns: dict[str, Callable[[], object]], device: torch.device
+) -> dict[str, Callable[[], object]]:
+    """Each function run under bf16 autocast (``trainer.precision=bf16-mixed``)."""
+
+    def wrap(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return fn()
+
+        return run
+
+    return {name: wrap(fn) for name, fn in fns.items()}
 
 
 def _bind(step: Step, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
@@ -292,6 +321,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC weights and inputs (channels_last)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every net")
     parser.add_argument(
         "--memory-only",
         action="store_true",
@@ -357,9 +391,12 @@ def _run(args: argparse.Namespace) -> dict:
         in_channels=s["in_channels"],
         image_size=s["image_size"],
         bn_stats=s["bn_stats"],
+        channels_last=args.channels_last,
     ).to(device)
     shape = (args.batch_size, s["in_channels"], s["image_size"], s["image_size"])
     x = torch.randn(shape, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(s["num_classes"], (args.batch_size,), device=device)
 
     if args.memory_only:
@@ -374,7 +411,9 @@ def _run(args: argparse.Namespace) -> dict:
         return memory
     flops = ideal_flops(net, x)
     ideal = flops["shared"] / flops["standalone_sum"]
-    modes = build_modes(net, x, y)
+    modes = build_modes(net, x, y, compile=args.compile)
+    if args.bf16:
+        modes = with_autocast(modes, device)
     start = time.perf_counter()
     times, peaks = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
     wall = time.perf_counter() - start
@@ -399,6 +438,9 @@ def _run(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
     }
     if args.experiment:
         config["experiment"] = args.experiment
