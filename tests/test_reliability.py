@@ -198,6 +198,20 @@ CATALOGUE = [
     ("evaluate", ["ckpt_path={tmp}/none.ckpt"], 1, "checkpoint {tmp}/none.ckpt does not exist"),
     ("evaluate", ["ckpt_path={truncated}"], 1, "checkpoint {truncated} is truncated or corrupt ("),
     ("evaluate", ["ckpt_path={weights}"], 1, "{weights} is not an ekd-ddnn training checkpoint"),
+    ("evaluate", ["ckpt_path={ckpt}", "recalibrate_bn=-1"], 1, "recalibrate_bn must be >= 0"),
+    (
+        "export",
+        ["ckpt_path={ckpt}", "depth=resnet8", "out={tmp}/x.pt", "recalibrate_bn=100000"],
+        1,
+        "recalibrate_bn=100000 but the training split yields only 1408 images per epoch",
+    ),
+    ("study", ["study=nope"], 1, "unknown study 'nope'; choose one of: cifar10_subset_r20, smoke"),
+    (
+        "study",
+        ["study=smoke", "study.differences=[[ekd,oracle]]"],
+        1,
+        "study.per_depth / study.differences name column(s) ['oracle'] that study.columns does",
+    ),
     (
         "evaluate",
         ["ckpt_path={ckpt}", "data=cifar10", "data.data_dir={cifar}", "split=test"],

@@ -81,15 +81,3 @@ def test_study_smoke_table_and_resume(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: {root}/individual-resnet20/seed0 was run with other settings" in result.stderr
     assert "trainer.max_epochs=1 trainer.max_epochs=2" in result.stderr
-
-
-def test_study_config_errors(tmp_path):
-    """A difference naming an undefined column, and an unknown study, in one line each."""
-    result = run_cli(
-        "study", "study=smoke", "study.differences=[[ekd,oracle]]", f"hydra.run.dir={tmp_path}"
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "name column(s) ['oracle'] that study.columns does not define" in result.stderr
-    result = run_cli("study", "study=nope", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 1
-    assert "error: unknown study 'nope'; choose one of: cifar10_subset_r20, smoke" in result.stderr
