@@ -205,7 +205,12 @@ CATALOGUE = [
         1,
         "recalibrate_bn=100000 but the training split yields only 1408 images per epoch",
     ),
-    ("study", ["study=nope"], 1, "unknown study 'nope'; choose one of: cifar10_subset_r20, smoke"),
+    (
+        "study",
+        ["study=nope"],
+        1,
+        "unknown study 'nope'; choose one of: cifar100_r56, cifar10_subset_r20, imagenet_r50, smoke",
+    ),
     (
         "study",
         ["study=smoke", "study.differences=[[ekd,oracle]]"],

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from ekd_ddnn.study import summarise
+from ekd_ddnn import CONFIG_DIR
+from ekd_ddnn.study import plan, summarise
 from tests.conftest import run_cli
 
 
@@ -81,3 +83,19 @@ def test_study_smoke_table_and_resume(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: {root}/individual-resnet20/seed0 was run with other settings" in result.stderr
     assert "trainer.max_epochs=1 trainer.max_epochs=2" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["cifar10_subset_r20", "cifar100_r56", "imagenet_r50"])
+def test_every_study_config_plans(name, tmp_path):
+    """Each shipped study composes into valid train configs: the individual column trains
+    each depth of the pairing alone, the other columns all depths together."""
+    from omegaconf import OmegaConf
+
+    study = OmegaConf.load(Path(CONFIG_DIR) / "study" / f"{name}.yaml")
+    jobs, names = plan(study, tmp_path)
+    per_seed = len(names) + len(study.columns) - 1
+    assert len(jobs) == per_seed * len(study.seeds)
+    assert {j.name for j in jobs} == {f"individual-{n}" for n in names} | {
+        "ddnn", "ekd", "ekd_no_ensemble"
+    }  # fmt: skip
+    assert all(job.out == tmp_path / job.name / f"seed{job.seed}" for job in jobs)
