@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from settings import bench_threads
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -283,19 +284,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the bench, print its report and return the ratios (the last line's JSON)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
+    with bench_threads(args.threads):
         return _run(args)
-    finally:  # leave the process as it was (tests call main in-process)
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
 
 
 def _run(args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore")  # Lightning's num_workers / log-interval advice
-    torch.set_flush_denormal(True)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
     result: dict = {}
     print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from settings import bench_threads
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -366,20 +367,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the bench, print its report and return the ratios (the last line's JSON)."""
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    try:
+    with bench_threads(args.threads):
         return _run(args)
-    finally:  # leave the process as it was (tests call main in-process)
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
 
 
 def _run(args: argparse.Namespace) -> dict:
     s = args.settings
     device = torch.device(args.device)
-    torch.set_flush_denormal(True)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
