@@ -99,3 +99,11 @@ def test_every_study_config_plans(name, tmp_path):
     assert {"ddnn", "ekd", "ekd_no_ensemble"} <= together
     assert {j.name for j in jobs} == {f"individual-{n}" for n in names} | together
     assert all(job.out == tmp_path / job.name / f"seed{job.seed}" for job in jobs)
+    extra, _ = plan(study, tmp_path, ["data.data_dir=/elsewhere"])
+    for job, moved in zip(jobs, extra, strict=True):  # after the study's own overrides
+        n = len(study.overrides)
+        assert moved.overrides == [
+            *job.overrides[:n],
+            "data.data_dir=/elsewhere",
+            *job.overrides[n:],
+        ]

@@ -87,9 +87,10 @@ def _depth_names(train_overrides: list[str]) -> list[tuple[list[int], str]]:
     return [(list(d), net.name_of(d)) for d in net.depths]
 
 
-def plan(study: DictConfig, root: Path) -> tuple[list[Job], list[str]]:
-    """Every job of ``study`` (seed-major, so that early seeds finish first) and the depth names."""
-    base = list(study.overrides)
+def plan(study: DictConfig, root: Path, extra: Sequence[str] = ()) -> tuple[list[Job], list[str]]:
+    """Every job of ``study`` (seed-major, so that early seeds finish first) and the depth
+    names; ``extra`` train overrides follow the study's own in every job."""
+    base = [*study.overrides, *extra]
     unknown = [c for c in study.per_depth if c not in study.columns]
     pairs = [c for pair in study.differences for c in pair if c not in study.columns]
     if unknown or pairs:
@@ -246,7 +247,7 @@ def write_study(root: Path, study: DictConfig, jobs: list[Job], names: list[str]
 def study(cfg: DictConfig) -> dict:
     """Run every unfinished job of ``cfg.study`` and write the study table."""
     root = Path(cfg.paths.output_dir)
-    jobs, names = plan(cfg.study, root)
+    jobs, names = plan(cfg.study, root, list(cfg.overrides))
     todo = [job for job in jobs if not job.done]
     print(f"study {cfg.study.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, in {root}")
     if cfg.dry_run:
