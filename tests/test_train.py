@@ -156,3 +156,19 @@ def test_summary_prints_table2(tmp_path):
     ]:
         assert line in result.stdout
     assert list(tmp_path.iterdir()) == []  # inspection writes nothing
+
+
+def test_last_checkpoint_is_the_last_epoch(compose_train, tmp_path):
+    """checkpoints/last.ckpt holds the final epoch even in epochs where the monitored metric
+    does not improve (here the best-checkpoint callback never saves after epoch 0)."""
+    cfg = compose_train(
+        "data=synthetic",
+        "data.image_size=8",
+        "data.num_train=64",
+        "trainer.max_epochs=3",
+        "+callbacks.model_checkpoint.every_n_epochs=100",
+        "test=false",
+    )
+    train(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * 2)  # 64 images / batch 32
