@@ -61,6 +61,10 @@ class Job:
     def started(self) -> bool:
         return (self.out / "checkpoints" / "last.ckpt").is_file()
 
+    def shell(self) -> str:
+        """The command as a user would type it."""
+        return " ".join(["python", *self.command()[1:]])
+
     def command(self) -> list[str]:
         """The ``ekd_ddnn.train`` command line (continuing the run where it has a checkpoint)."""
         args = [*self.overrides, f"hydra.run.dir={self.out}"]
@@ -103,8 +107,8 @@ def plan(study: DictConfig, root: Path, extra: Sequence[str] = ()) -> tuple[list
     depths = _depth_names(base)
     jobs = []
     for seed in study.seeds:
-        for column, extra in study.columns.items():
-            common = [*base, *extra, f"seed={seed}", *QUIET]
+        for column, column_overrides in study.columns.items():
+            common = [*base, *column_overrides, f"seed={seed}", *QUIET]
             if column not in study.per_depth:
                 jobs.append(Job(column, seed, column, common, root=root))
                 continue
@@ -137,7 +141,7 @@ def run_job(job: Job, threads: int) -> tuple[Job, int, float]:
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore")
     start = time.perf_counter()
     with open(job.out / "job.log", "a") as log:
-        log.write("$ " + " ".join(job.command()[1:]) + "\n")
+        log.write(f"$ {job.shell()}\n")
         log.flush()
         run = subprocess.run(job.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
     return job, run.returncode, time.perf_counter() - start
@@ -252,7 +256,7 @@ def study(cfg: DictConfig) -> dict:
     print(f"study {cfg.study.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, in {root}")
     if cfg.dry_run:
         for job in todo:
-            print(" ".join(job.command()[1:]))
+            print(job.shell())
         return {}
     if cfg.parallel < 1:
         raise UserError(f"parallel must be >= 1, got {cfg.parallel}")
