@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from settings import bench_threads
+from settings import add_threads_argument, bench_threads
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -268,13 +268,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (a, b, c)")
     parser.add_argument("--repeats", type=int, default=24, help="(b) timed steps of each")
     parser.add_argument("--data-repeats", type=int, default=60, help="(c) timed steps of each")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
-        "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--parts", default="lightning,resnet50,data", help="comma-separated subset to run"
     )

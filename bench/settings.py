@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 
@@ -22,3 +23,14 @@ def bench_threads(threads: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
         torch.set_flush_denormal(False)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, the CPU thread count :func:`bench_threads` applies."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
+        "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
+    )

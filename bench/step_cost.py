@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from settings import bench_threads
+from settings import add_threads_argument, bench_threads
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -332,13 +332,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the activation memory of an EKD step vs each standalone net (no timing)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
-        "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
-    )
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     # explicit flags > the experiment's settings > the defaults
