@@ -125,6 +125,8 @@ def _wandb_records(run_file: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if pos + 7 + length > len(raw):  # a record W&B is still writing
+            break
         data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             break
