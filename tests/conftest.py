@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def digits_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_run")
     train(compose_config("train", ["trainer.max_epochs=6"], out))
     return out
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, *, size: str = "64m", read_only: bool = False):
+    """A real second filesystem (tmpfs) at ``path`` while inside; skips the test with the
+    reason where mounting is impossible (not root, no mount permission in a container)."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

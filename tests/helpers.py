@@ -19,3 +19,65 @@ class SignalAtEpochStart(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), self.signum)
+
+
+class KillDuringSave(Callback):
+    """SIGKILL this process half-way through writing the first checkpoint of epoch
+    ``epoch``: the checkpoint file's bytes are half on disk when the process dies."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        import io
+
+        import torch
+
+        real_save = torch.save
+
+        def save_half_then_die(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save_half_then_die
+
+
+class FillDiskAtEpochStart(Callback):
+    """Fill the filesystem of the run directory at the start of epoch ``epoch``, leaving
+    ``leave_kib`` KiB: enough for log lines, too little for a checkpoint."""
+
+    def __init__(self, epoch: int, leave_kib: int = 256) -> None:
+        self.epoch = epoch
+        self.leave_kib = leave_kib
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        stats = os.statvfs(trainer.default_root_dir)
+        free = stats.f_bavail * stats.f_frsize - self.leave_kib * 1024
+        with open(os.path.join(trainer.default_root_dir, "filler.bin"), "wb") as f:
+            while free > 0:
+                chunk = min(free, 1 << 20)
+                f.write(b"\0" * chunk)
+                free -= chunk
+
+
+class PoisonWeightsAtEpochStart(Callback):
+    """Set one weight to NaN when epoch ``epoch`` starts: the next loss is NaN (a stand-in
+    for a run that diverges after its first checkpoints)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            import torch
+
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")

@@ -7,9 +7,12 @@ checked value by value.
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import pickle
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import RandomSampler, SequentialSampler
+from torchvision.datasets import CIFAR10
 
 from ekd_ddnn.data import (
     CIFARDataModule,
@@ -347,17 +351,22 @@ def test_cifar100_missing_files_named(tmp_path):
     assert "folder that holds cifar-100-python/" in msg
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated"])
-def test_cifar_unreadable_batch(tmp_path, kind):
-    """A garbage or truncated data_batch file -> UserError 'cannot read ...'."""
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("garbage", "invalid load key, '\\xff'."), ("truncated", "pickle data was truncated")],
+    ids=["garbage", "truncated"],
+)
+def test_cifar_unreadable_batch(tmp_path, kind, reason):
+    """A garbage or truncated data_batch file -> UserError naming that file."""
     folder = write_cifar10(tmp_path)
     path = folder / "data_batch_2"
     content = path.read_bytes()
-    path.write_bytes(b"this is not a pickle" if kind == "garbage" else content[: len(content) // 2])
-    with pytest.raises(
-        UserError, match="^" + re.escape(f"cannot read cifar10 files in {folder}: ")
-    ):
+    path.write_bytes(b"\xff\xd8 JPEG" if kind == "garbage" else content[: len(content) // 2])
+    with pytest.raises(UserError) as info:
         cifar10(tmp_path).setup("fit")
+    assert str(info.value) == (
+        f"cannot read cifar10 file {path}: not a CIFAR batch (unreadable pickle: {reason})"
+    )
 
 
 def test_cifar_unreadable_test_batch(tmp_path):
@@ -365,8 +374,9 @@ def test_cifar_unreadable_test_batch(tmp_path):
     folder = write_cifar10(tmp_path)
     path = folder / "test_batch"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(UserError, match="^cannot read cifar10 files in "):
+    with pytest.raises(UserError) as info:
         cifar10(tmp_path).setup("fit")
+    assert str(info.value).startswith(f"cannot read cifar10 file {path}: not a CIFAR batch (")
 
 
 def test_cifar_generated_files_warn_about_md5(tmp_path, caplog):
@@ -379,6 +389,261 @@ def test_cifar_generated_files_warn_about_md5(tmp_path, caplog):
     msg = warnings[0].getMessage()
     assert f"cifar10 files in {folder} differ from the official release" in msg
     assert "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch" in msg
+
+
+# --------------------------------------------------------------------------- CIFAR pickles
+
+
+class RunsCode:
+    """Pickles as ``os.system(command)``: what a crafted batch file runs under pickle.load."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def cifar_batch(n: int = PER_BATCH, **changes) -> dict:
+    """A valid CIFAR-10 batch dict of n images, with entries replaced by ``changes``."""
+    batch = {"batch_label": "b", "labels": [i % 10 for i in range(n)], "data": cifar_rows(range(n))}
+    return {**batch, **changes}
+
+
+def copy_cifar_folder(source: Path, root: Path) -> Path:
+    """Copy the files of ``source/cifar-10-batches-py`` to ``root`` (writable copies)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for path in (source / "cifar-10-batches-py").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.fixture(params=["generated", "shared"])
+def cifar_files(request, tmp_path) -> Path:
+    """A writable cifar-10-batches-py folder: generated files, or copies of the real subset."""
+    if request.param == "generated":
+        return write_cifar10(tmp_path)
+    if not (SHARED_SUBSET / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"shared CIFAR-10 subset not found at {SHARED_SUBSET}")
+    return copy_cifar_folder(SHARED_SUBSET, tmp_path)
+
+
+def test_cifar_batch_that_runs_code_is_refused(cifar_files, tmp_path):
+    """A data_batch_1 whose unpickling calls os.system is refused before anything runs; the
+    same file does run the command under plain pickle.load (the threat is real)."""
+    marker = tmp_path / "marker"
+    path = cifar_files / "data_batch_1"
+    dump(path, cifar_batch(data=RunsCode(f"touch {marker}")))
+    with pytest.raises(UserError) as info:
+        cifar10(tmp_path).setup("fit")
+    assert str(info.value) == (
+        f"cannot read cifar10 file {path}: it holds a Python object (posix.system) that would "
+        "run code on load; use the official python-version files"
+    )
+    assert not marker.exists()
+    with open(path, "rb") as f:
+        pickle.load(f, encoding="latin1")  # what torchvision's CIFAR10 does with it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a pickle", b"", b"\x80\x02}q\x00(X"],
+    ids=["garbage", "empty", "truncated"],
+)
+def test_cifar_garbage_meta_is_refused(cifar_files, tmp_path, content):
+    """Garbage, empty or truncated batches.meta -> UserError naming the file."""
+    path = cifar_files / "batches.meta"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        cifar10(tmp_path).setup("fit")
+    prefix = f"cannot read cifar10 file {path}: not a CIFAR meta file (unreadable pickle: "
+    assert str(info.value).startswith(prefix)
+    assert "\n" not in str(info.value)
+
+
+def test_cifar_object_array_is_refused(tmp_path):
+    """A batch whose data is an object array (its items unpickle as arbitrary objects) is
+    refused, however harmless its items."""
+    folder = write_cifar10(tmp_path)
+    path = folder / "data_batch_3"
+    dump(path, cifar_batch(data=cifar_rows(range(PER_BATCH)).astype(object)))
+    with pytest.raises(UserError) as info:
+        cifar10(tmp_path).setup("fit")
+    assert str(info.value) == (
+        f"cannot read cifar10 file {path}: not a CIFAR batch "
+        "(it holds an array of dtype 'O8', not numbers)"
+    )
+
+
+class NDArrayWithBuffer:
+    """Pickles as ``numpy.ndarray(shape, dtype, buffer)``: numpy builds arrays straight from
+    the file's bytes that way (object arrays from raw pointers); only _reconstruct may."""
+
+    def __reduce__(self):
+        return np.ndarray, ((4,), np.dtype(np.uint8), b"\x00" * 4)
+
+
+BAD_BATCHES = {  # name -> (unpickled content, reason in the message)
+    "a list": ([1, 2, 3], "it holds a list, not a dict"),
+    "no labels": ({"data": cifar_rows(range(3))}, "no 'labels' entry"),
+    "labels too big": (cifar_batch(3, labels=[0, 10, 1]), "'labels' holds 10, outside 0..9"),
+    "negative label": (cifar_batch(3, labels=[0, -1, 1]), "'labels' holds -1, outside 0..9"),
+    "str label": (cifar_batch(2, labels=[0, "1"]), "'labels' holds a str, not only ints"),
+    "bool label": (cifar_batch(2, labels=[0, True]), "'labels' holds a bool, not only ints"),
+    "labels array": (
+        cifar_batch(2, labels=np.zeros(2, np.int64)),
+        "'labels' is a ndarray, not a list of ints",
+    ),
+    "labels count": (cifar_batch(3, labels=[0, 1]), "3 images but 2 labels"),
+    "row length": (
+        cifar_batch(2, data=np.zeros((2, 100), np.uint8)),
+        "'data' has shape (2, 100), not one row of 3072 values per image",
+    ),
+    "data list": (cifar_batch(1, data=[0] * 3072), "'data' is a list, not a numpy array"),
+    "float data": (
+        cifar_batch(2, data=np.full((2, 3072), 0.5)),
+        "'data' (float64) holds values other than the integers 0..255",
+    ),
+    "int data out of range": (
+        cifar_batch(2, data=np.full((2, 3072), 256, np.int64)),
+        "'data' (int64) holds values other than the integers 0..255",
+    ),
+    "complex data": (
+        cifar_batch(2, data=np.zeros((2, 3072), np.complex64)),
+        "it holds an array of dtype 'c8', not numbers",
+    ),
+    "ndarray called": (
+        cifar_batch(2, extra=NDArrayWithBuffer()),
+        "numpy.ndarray is called directly, not through _reconstruct",
+    ),
+}
+
+
+@pytest.mark.parametrize(("batch", "reason"), BAD_BATCHES.values(), ids=BAD_BATCHES.keys())
+def test_cifar_batch_structure_is_checked(tmp_path, batch, reason):
+    """Batches that unpickle but are not CIFAR batches -> UserError naming file and reason."""
+    folder = write_cifar10(tmp_path)
+    path = folder / "data_batch_4"
+    dump(path, batch)
+    with pytest.raises(UserError) as info:
+        cifar10(tmp_path).setup("fit")
+    assert str(info.value) == f"cannot read cifar10 file {path}: not a CIFAR batch ({reason})"
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"names": []}, "no 'label_names' entry"),
+        ({"label_names": "airplane"}, "'label_names' is not a list of str"),
+        ({"label_names": [1, 2]}, "'label_names' is not a list of str"),
+        ({"label_names": ["a", "b"]}, "'label_names' has 2 names, not 10"),
+        (("label_names",), "it holds a tuple, not a dict"),
+    ],
+)
+def test_cifar_meta_structure_is_checked(tmp_path, meta, reason):
+    """A meta file without a list of class names -> UserError naming file and reason."""
+    path = write_cifar10(tmp_path) / "batches.meta"
+    dump(path, meta)
+    with pytest.raises(UserError) as info:
+        cifar10(tmp_path).setup("fit")
+    assert str(info.value) == f"cannot read cifar10 file {path}: not a CIFAR meta file ({reason})"
+
+
+def test_cifar_other_globals_are_refused_too(tmp_path):
+    """Any class outside the format is refused, harmless or not (here an OrderedDict)."""
+    path = write_cifar10(tmp_path) / "batches.meta"
+    dump(path, collections.OrderedDict(label_names=["x"] * 10))
+    with pytest.raises(UserError, match=re.escape("(collections.OrderedDict) that would run")):
+        cifar10(tmp_path).setup("fit")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_batches_of_every_pickle_protocol_load(tmp_path, protocol):
+    """Files re-written by Python 3 with any pickle protocol load to the same images; data
+    of another integer dtype holding 0..255 is read as uint8."""
+    folder = write_cifar10(tmp_path)
+    reference = cifar10(tmp_path)
+    reference.setup("fit")
+    for b in range(5):
+        path = folder / f"data_batch_{b + 1}"
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        if b == 0:
+            batch["data"] = batch["data"].astype(">i4")
+        if b == 1:
+            batch["data"] = np.asfortranarray(batch["data"])
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=protocol)
+    dm = cifar10(tmp_path)
+    dm.setup("fit")
+    assert dm.train_set.dataset.data.dtype == np.uint8
+    assert np.array_equal(dm.train_set.dataset.data, reference.train_set.dataset.data)
+    assert dm.train_set.dataset.targets == reference.train_set.dataset.targets
+
+
+def py2_pickle(label_names: list[str], rows: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as Python 2's cPickle writes the official files (protocol 2, str as
+    BINSTRING, ``numpy.core.multiarray._reconstruct``), built opcode by opcode."""
+
+    def s(raw: bytes) -> bytes:  # a Python 2 str: SHORT_BINSTRING or BINSTRING
+        if len(raw) < 256:
+            return b"U" + bytes([len(raw)]) + raw
+        return b"T" + struct.pack("<i", len(raw)) + raw
+
+    def ints(values: list[int]) -> bytes:
+        return b"(" + b"".join(b"J" + struct.pack("<i", v) for v in values)
+
+    shape = b"".join(b"J" + struct.pack("<i", d) for d in rows.shape) + b"\x86"
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
+        b"(K\x01" + shape + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
+        b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        b"\x89" + s(rows.tobytes()) + b"tb"
+    )
+    names = b"(" + b"".join(s(n.encode()) for n in label_names) + b"l"
+    return (
+        b"\x80\x02}("
+        + s(b"data")
+        + array
+        + s(b"labels")
+        + ints(labels)
+        + b"l"
+        + s(b"label_names")
+        + names
+        + b"u."
+    )
+
+
+def test_cifar_python2_pickles_load_as_torchvision_reads_them(tmp_path):
+    """Python-2 pickles (the official release's format) give what torchvision's CIFAR10
+    reads from the same files."""
+    folder = write_cifar10(tmp_path)
+    names = [f"class_{i}" for i in range(10)]
+    for b in range(5):
+        indices = range(b * PER_BATCH, (b + 1) * PER_BATCH)
+        raw = py2_pickle(names, cifar_rows(indices), [(i * 7) % 10 for i in indices])
+        (folder / f"data_batch_{b + 1}").write_bytes(raw)
+    (folder / "batches.meta").write_bytes(py2_pickle(names, cifar_rows(range(1)), [0]))
+    dm = cifar10(tmp_path)
+    dm.setup("fit")
+    official = torchvision_cifar10(tmp_path)
+    assert np.array_equal(dm.train_set.dataset.data, official.data)
+    assert dm.train_set.dataset.targets == official.targets == [(i * 7) % 10 for i in range(100)]
+    assert dm.train_set.dataset.classes == official.classes == names
+
+
+def torchvision_cifar10(root: Path, train: bool = True) -> CIFAR10:
+    """torchvision's own CIFAR10 on ``root`` (plain pickle.load; MD5 checks off for subsets)."""
+
+    class Unchecked(CIFAR10):
+        meta = {**CIFAR10.meta, "md5": None}
+
+        def _check_integrity(self) -> bool:
+            return True
+
+    return Unchecked(str(root), train=train)
 
 
 # --------------------------------------------------------------------------- shared subset
@@ -412,6 +677,25 @@ def test_shared_cifar10_subset(shared_subset, caplog):
     assert sorted(set(labels)) == list(range(10))
     with pytest.raises(UserError, match="has no test split"):
         dm.test_dataloader()
+
+
+def test_shared_cifar10_subset_reads_as_torchvision_does(shared_subset):
+    """The real subset gives exactly torchvision CIFAR10's data, targets, classes and items."""
+    dm = cifar10(shared_subset, batch_size=16)
+    dm.setup("fit")
+    ours = dm.train_set.dataset
+    official = torchvision_cifar10(shared_subset)
+    assert ours.data.dtype == official.data.dtype == np.uint8
+    assert np.array_equal(ours.data, official.data)
+    assert ours.targets == official.targets
+    assert ours.classes == official.classes and ours.class_to_idx == official.class_to_idx
+    official.transform = ours.transform  # the same training augmentation, same seed
+    for index in (0, 1234, 5084):
+        torch.manual_seed(index)
+        mine = ours[index]
+        torch.manual_seed(index)
+        theirs = official[index]
+        assert torch.equal(mine[0], theirs[0]) and mine[1] == theirs[1]
 
 
 # --------------------------------------------------------------------------- image folders
@@ -526,6 +810,51 @@ def test_imagenet_in_channels_must_be_3(tmp_path):
     """in_channels other than 3 is rejected up front."""
     with pytest.raises(UserError, match="an image folder has in_channels=3 but data.in_channels=1"):
         ImageNetDataModule(data_dir=str(tmp_path), in_channels=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("bad.jpg", "not an image format PIL recognises"), ("cut.png", "image file is truncated")],
+    ids=["garbage", "truncated"],
+)
+def test_imagenet_corrupt_image_is_one_line_user_error(image_root, name, reason):
+    """A file PIL cannot read -> UserError naming it, while iterating the train loader."""
+    path = image_root / "train" / "bee" / name
+    if name == "bad.jpg":
+        path.write_bytes(b"this is not a JPEG")
+    else:
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
+        path.write_bytes(path.read_bytes()[:60])
+    dm = ImageNetDataModule(data_dir=str(image_root), num_classes=3, image_size=16, batch_size=13)
+    dm.setup("fit")
+    assert len(dm.train_set) == 13  # one batch holds every image, the bad one included
+    with pytest.raises(UserError) as info:
+        list(dm.train_dataloader())
+    assert str(info.value) == f"cannot read image {path}: {reason}; remove or replace the file"
+
+
+def test_imagenet_loader_reads_images_as_torchvision_does(image_root):
+    """load_rgb gives the same RGB image as torchvision's default loader (also for grey)."""
+    from torchvision.datasets.folder import pil_loader
+
+    from ekd_ddnn.data.imagenet import load_rgb
+
+    grey = image_root / "train" / "ant" / "grey.png"
+    Image.new("L", (9, 7), 77).save(grey)
+    for path in (grey, image_root / "train" / "bee" / "1.png"):
+        mine, theirs = load_rgb(str(path)), pil_loader(str(path))
+        assert mine.mode == theirs.mode == "RGB"
+        assert np.array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, -3])
+def test_imagenet_num_classes_below_two(tmp_path, num_classes):
+    """An image folder with fewer than two classes configured is refused up front."""
+    with pytest.raises(UserError) as info:
+        ImageNetDataModule(data_dir=str(tmp_path), num_classes=num_classes)
+    assert str(info.value) == (
+        f"data.num_classes must be >= 2 (a classifier needs two classes), got {num_classes}"
+    )
 
 
 # --------------------------------------------------------------------------- digits
@@ -728,6 +1057,30 @@ def test_loader_errors():
     assert str(info.value) == "data.batch_size must be >= 1, got 0"
     with pytest.raises(RuntimeError, match=r"call setup\(\) before asking for a data loader"):
         SyntheticDataModule().train_dataloader()
+
+
+@pytest.mark.parametrize("num_workers", [-1, -4])
+def test_negative_num_workers(num_workers):
+    """num_workers < 0 is a UserError saying what 0 means."""
+    with pytest.raises(UserError) as info:
+        SyntheticDataModule(num_workers=num_workers)
+    assert str(info.value) == (
+        f"data.num_workers must be >= 0, got {num_workers} (0 loads in the main process)"
+    )
+    with pytest.raises(UserError, match="data.num_workers must be >= 0"):
+        CIFARDataModule(name="cifar10", num_workers=num_workers)
+
+
+def test_synthetic_num_classes_below_two():
+    """Synthetic data needs at least two classes; two is fine."""
+    with pytest.raises(UserError) as info:
+        SyntheticDataModule(num_classes=1)
+    assert (
+        str(info.value) == "data.num_classes must be >= 2 (a classifier needs two classes), got 1"
+    )
+    with pytest.raises(UserError, match="got 0$"):
+        SyntheticDataModule(num_classes=0)
+    assert SyntheticDataModule(num_classes=2).num_classes == 2
 
 
 def test_setup_is_idempotent(tmp_path):

@@ -4,13 +4,13 @@ catalogue of user mistakes (docs/errors.md) through the real command line."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import secrets
 import signal
 from pathlib import Path
 
-import fsspec.implementations.local
 import pytest
 import torch
 import torchvision
@@ -43,7 +43,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert result.returncode == -9  # SIGKILL: no handler ran
     assert not (killed / "results.json").exists()
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
-    result = run_cli("train", *RUN, f"resume={killed}")
+    result = run_cli("train", f"resume={killed}", "~callbacks.kill")  # its own overrides
     assert result.returncode == 0, result.stderr
     assert json.loads((killed / "results.json").read_text()) == json.loads(
         (whole / "results.json").read_text()
@@ -87,9 +87,14 @@ def test_resume_latest_and_run_dir_guard(tmp_path):
         (logs / name / "checkpoints" / "last.ckpt").write_bytes(b"")
     cfg = compose_config("train", ["resume=latest", f"paths.log_dir={tmp_path / 'logs'}"], tmp_path)
     assert cfg.hydra.run.dir == str(logs / "2026-01-02_00-00-00")
-    cfg = compose_config("train", [], logs / "2026-01-01_00-00-00")
-    with pytest.raises(Exception, match="already holds a run; continue it with resume="):
-        train(cfg)
+    old = logs / "2026-01-01_00-00-00"
+    result = run_cli("train", f"hydra.run.dir={old}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: run directory {old} already holds a run; continue it with resume={old}, "
+        "or choose another hydra.run.dir"
+    )
+    assert not (old / ".hydra").exists()  # nothing written into the old run
 
 
 @pytest.mark.slow
@@ -105,19 +110,23 @@ def test_same_seed_same_results(tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    """A save that dies half-way (simulated) leaves the previous last.ckpt whole and loadable."""
+    """A save that dies half-way (simulated) leaves the previous last.ckpt whole and loadable,
+    and no temporary file behind."""
     cfg = compose_config("train", [*RUN, "trainer.max_epochs=1", "test=false"], tmp_path)
     _, objects = train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     written = []
 
-    def dying_write(self, data):  # the process "dies" after writing half the bytes
-        written.append(len(data))
-        self.f.write(data[: len(data) // 2])
+    def dying_save(obj, f, *args, **kwargs):  # the process "dies" after half the bytes
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        written.append(buffer.tell())
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
         raise KeyboardInterrupt("killed during the checkpoint write")
 
-    monkeypatch.setattr(fsspec.implementations.local.LocalFileOpener, "write", dying_write)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         objects["trainer"].save_checkpoint(last)
     monkeypatch.undo()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from ekd_ddnn.errors import UserError
 from ekd_ddnn.launch import hydra_job_rank_command
+from ekd_ddnn.results import read_overrides, read_results
 from tests.conftest import compose_config, run_cli
 
 TINY = [
@@ -209,6 +211,141 @@ def test_aggregate_errors(tmp_path):
     result = run_cli("aggregate", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "holds no finished jobs (no */results.json)" in result.stderr
+
+
+ROWS = [
+    {"name": "resnet20", "blocks": [3, 3, 3], "params": 1, "macs": 2, "top1_err": 12.5,
+     "top5_err": 1.0, "split": "val"},
+    {"name": "resnet8", "blocks": [1, 1, 1], "params": 1, "macs": 1, "top1_err": None,
+     "top5_err": None, "split": "val"},
+]  # fmt: skip
+
+
+def _fake_multirun(root: Path, values: list[str]) -> Path:
+    """A multirun directory as ``train -m ekd.w=...`` leaves it: one folder per job with
+    ``.hydra/overrides.yaml`` and ``results.json``, without training."""
+    for num, value in enumerate(values):
+        job = root / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- data=synthetic\n- ekd.w={value}\n")
+        rows = [{**r, "top1_err": r["top1_err"] and r["top1_err"] + num} for r in ROWS]
+        (job / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return root
+
+
+def test_aggregate_fake_multirun(tmp_path):
+    """The aggregate of a fake sweep: one row per job, the swept key only."""
+    sweep = _fake_multirun(tmp_path / "sweep", ["0", "1"])
+    result = run_cli("aggregate", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((sweep / "aggregate.json").read_text())
+    assert [(r["job"], r["ekd.w"], r["top1_err/resnet20"]) for r in rows] == [
+        ("0", "0", 12.5),
+        ("1", "1", 13.5),
+    ]
+    assert "data" not in rows[0] and rows[0]["top1_err/subnets_mean"] is None
+
+
+def test_aggregate_truncated_job(tmp_path):
+    """A job whose results.json was cut off mid-write: one line naming that job, no files."""
+    sweep = _fake_multirun(tmp_path / "sweep", ["0", "1", "2"])
+    path = sweep / "1" / "results.json"
+    path.write_text(path.read_text()[:40])
+    result = run_cli("aggregate", str(sweep), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: job {sweep / '1'}: results.json is not a finished results table "
+        "(Unterminated string starting at: line 4 column 5 (char 34)); rerun that job or move "
+        "its folder away"
+    ]
+    assert not (sweep / "aggregate.json").exists()
+
+
+def test_aggregate_malformed_overrides(tmp_path):
+    """A job whose .hydra/overrides.yaml does not parse: one line naming that job."""
+    sweep = _fake_multirun(tmp_path / "sweep", ["0", "1"])
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text("[ekd.w=0, data")
+    result = run_cli("aggregate", str(sweep), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: job {sweep / '0'}: .hydra/overrides.yaml is not a list of overrides (expected "
+        "',' or ']', but got '<stream end>' at line 1, column 15); rerun that job or move its "
+        "folder away"
+    ]
+
+
+def test_read_results_valid(tmp_path):
+    """A results table reads back as written; extra keys are kept."""
+    (tmp_path / "results.json").write_text(json.dumps(ROWS))
+    assert read_results(tmp_path / "results.json") == ROWS
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (json.dumps(ROWS, indent=2)[:40], "Unterminated string starting at: line 4 column 5 "
+         "(char 34)"),
+        ('[{"name": "r20"}\n{"name": "r8"}]', "Expecting ',' delimiter: line 2 column 1 (char 17)"),
+        ("", "Expecting value: line 1 column 1 (char 0)"),
+        ("{}", "an object, not a list of rows"),
+        ("[]", "an empty list, no rows"),
+        ("[1]", "row 1 is a number, not an object"),
+        (json.dumps([ROWS[0], {"blocks": [1]}]), "row 2 has no 'name'"),
+        (json.dumps([{**ROWS[0], "name": 20}]), "row 1: 'name' must be a string, got 20"),
+        (json.dumps([{**ROWS[0], "blocks": "3-3-3"}]),
+         "row 1: 'blocks' must be a list of integers, got \"3-3-3\""),
+        (json.dumps([{**ROWS[0], "blocks": [3, 3.5]}]),
+         "row 1: 'blocks' must be a list of integers, got [3, 3.5]"),
+        (json.dumps([{**ROWS[0], "top1_err": "12"}]),
+         "row 1: 'top1_err' must be a number or null, got \"12\""),
+        (json.dumps([{**ROWS[0], "top1_err": True}]),
+         "row 1: 'top1_err' must be a number or null, got true"),
+        (json.dumps([{k: v for k, v in ROWS[0].items() if k != "split"}]), "row 1 has no 'split'"),
+        (json.dumps([{**ROWS[0], "split": None}]), "row 1: 'split' must be a string, got null"),
+    ],
+)  # fmt: skip
+def test_read_results_invalid(tmp_path, text, reason):
+    """Anything but a results table: one line naming the job folder and what is wrong."""
+    (tmp_path / "results.json").write_text(text)
+    with pytest.raises(UserError) as info:
+        read_results(tmp_path / "results.json")
+    assert str(info.value) == (
+        f"job {tmp_path}: results.json is not a finished results table ({reason}); rerun that "
+        "job or move its folder away"
+    )
+
+
+def test_read_results_missing(tmp_path):
+    """An unreadable (here: missing) file is the same one line."""
+    with pytest.raises(UserError, match=r"\(cannot read it: No such file or directory\)"):
+        read_results(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, []),
+        ("[]\n", []),
+        ("- ekd.w=0\n- seed=1\n", ["ekd.w=0", "seed=1"]),
+        ("ekd.w: 0\n", "an object, not a list of key=value strings"),
+        ("- ekd.w=0\n- 3\n", "item 2 is a number, not a string"),
+        ("- ekd.w=0\n- 'seed=1", "found unexpected end of stream at line 2, column 10"),
+    ],
+)  # fmt: skip
+def test_read_overrides(tmp_path, text, expected):
+    """A job's recorded overrides: [] where none; a malformed file is one line naming it."""
+    if text is not None:
+        (tmp_path / ".hydra").mkdir()
+        (tmp_path / ".hydra" / "overrides.yaml").write_text(text)
+    if isinstance(expected, list):
+        assert read_overrides(tmp_path) == expected
+        return
+    with pytest.raises(UserError) as info:
+        read_overrides(tmp_path)
+    assert str(info.value) == (
+        f"job {tmp_path}: .hydra/overrides.yaml is not a list of overrides ({expected}); rerun "
+        "that job or move its folder away"
+    )
 
 
 def test_optuna_and_slurm_configs_compose(tmp_path):

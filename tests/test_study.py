@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.study import plan, summarise
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.study import check_parallel, check_seeds, plan, summarise
 from tests.conftest import run_cli
 
 
@@ -83,6 +85,77 @@ def test_study_smoke_table_and_resume(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: {root}/individual-resnet20/seed0 was run with other settings" in result.stderr
     assert "trainer.max_epochs=1 trainer.max_epochs=2" in result.stderr
+
+
+def test_bad_seeds_fail_before_any_job(tmp_path):
+    """study.seeds=[a] is one line (exit 1, no traceback) and no job folder is made."""
+    root = tmp_path / "study"
+    result = run_cli("study", "study=smoke", "study.seeds=[a]", f"hydra.run.dir={root}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got ['a']"
+    ]
+    assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ([], "study.seeds is empty; give at least one seed, e.g. study.seeds=[0,1,2]"),
+        (3, "study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got 3"),
+        ("0", "study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got '0'"),
+        ([1.5], "study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got [1.5]"),
+        ([True], "study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got [True]"),
+        ([0, -1], "study.seeds must be between 0 and 4294967295 (the seeds Lightning accepts); "
+         "got [0, -1]"),
+        ([0, 1, 0], "study.seeds lists [0] more than once; give each seed once"),
+    ],
+)  # fmt: skip
+def test_check_seeds(seeds, message):
+    """Seeds are a non-empty list of distinct integers in Lightning's range."""
+    with pytest.raises(UserError) as info:
+        check_seeds(OmegaConf.create({"s": seeds}).s)
+    assert str(info.value) == message
+
+
+def test_check_seeds_and_parallel_accept():
+    """Valid values pass through."""
+    assert check_seeds(OmegaConf.create({"s": [0, 1, 2**32 - 1]}).s) == [0, 1, 2**32 - 1]
+    assert check_parallel(3) == 3
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "a", True, None])
+def test_check_parallel(value):
+    """parallel must be an integer >= 1."""
+    with pytest.raises(UserError) as info:
+        check_parallel(value)
+    assert str(info.value) == (
+        f"parallel must be an integer >= 1 (jobs run at the same time), got {value!r}"
+    )
+
+
+def test_bad_parallel_fails_before_any_job(tmp_path):
+    """parallel=a is one line, even with dry_run=true."""
+    root = tmp_path / "study"
+    result = run_cli("study", "study=smoke", "parallel=a", "dry_run=true", f"hydra.run.dir={root}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: parallel must be an integer >= 1 (jobs run at the same time), got 'a'"
+    ]
+
+
+def test_truncated_finished_job_fails_the_plan(tmp_path):
+    """A finished job whose results.json was cut off is named before anything trains."""
+    study = OmegaConf.load(Path(CONFIG_DIR) / "study" / "smoke.yaml")
+    jobs, _ = plan(study, tmp_path)
+    jobs[0].out.mkdir(parents=True)
+    (jobs[0].out / "results.json").write_text('[{"name": "resnet20", "blocks": [3')
+    with pytest.raises(UserError) as info:
+        plan(study, tmp_path)
+    assert str(info.value) == (
+        f"job {jobs[0].out}: results.json is not a finished results table (Expecting ',' "
+        "delimiter: line 1 column 35 (char 34)); rerun that job or move its folder away"
+    )
 
 
 @pytest.mark.parametrize("name", ["cifar10_subset_r20", "cifar100_r56", "imagenet_r50"])

@@ -7,24 +7,22 @@ Reads every job's ``.hydra/overrides.yaml`` and ``results.json``; writes ``aggre
 
 from __future__ import annotations
 
-import csv
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import hydra
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.results import read_overrides, read_results, write_table
+from ekd_ddnn.run.cli import report_user_errors, run_app
 
 
 def _overrides(job: Path) -> dict[str, str]:
-    path = job / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else []
-    return dict(item.split("=", 1) for item in items or [] if "=" in item)
+    """The job's ``key=value`` overrides as a dict."""
+    return dict(item.split("=", 1) for item in read_overrides(job) if "=" in item)
 
 
 def collect(multirun_dir: str | Path) -> tuple[list[str], list[dict]]:
@@ -45,7 +43,7 @@ def collect(multirun_dir: str | Path) -> tuple[list[str], list[dict]]:
     swept = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
     rows = []
     for job in jobs:
-        results = json.loads((job / "results.json").read_text())
+        results = read_results(job / "results.json")
         row = {"job": job.name, **{k: overrides[job].get(k) for k in swept}}
         errors = {r["name"]: r["top1_err"] for r in results}
         row.update({f"top1_err/{name}": err for name, err in errors.items()})
@@ -98,16 +96,10 @@ def plot_heatmap(swept: list[str], rows: list[dict], metric: str, path: Path) ->
 def write_aggregate(root: Path, swept: list[str], rows: list[dict], metric: str) -> list[Path]:
     """Write the table (json, csv, md) and the heatmap into ``root``."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    (root / "aggregate.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(root / "aggregate.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
     cell = lambda v: "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    (root / "aggregate.md").write_text("\n".join(lines) + "\n")
-    written = [root / "aggregate.json", root / "aggregate.csv", root / "aggregate.md"]
+    written = write_table(root, "aggregate", rows, "\n".join(lines) + "\n")
     heatmap = plot_heatmap(swept, rows, metric, root / "aggregate_heatmap.png")
     return written + ([heatmap] if heatmap else [])
 
@@ -128,4 +120,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     # a bare path is the directory: `aggregate logs/train/multiruns/...`
     sys.argv[1:] = [a if "=" in a or a.startswith("-") else f"dir={a}" for a in sys.argv[1:]]
-    run_app(main, CONFIG_DIR)
+    run_app(main, "aggregate")

@@ -6,6 +6,7 @@ the paper's Table 1/2 layout (params, MACs, top-1/top-5 error) plus latency and 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ekd_ddnn.checkpoint import (
     loss_from_checkpoint,
     net_from_checkpoint,
 )
-from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.errors import UserError
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import (
     add_errors,
@@ -32,8 +33,12 @@ from ekd_ddnn.results import (
     plot_accuracy_vs_macs,
     write_results,
 )
+from ekd_ddnn.run.checks import check_integer, check_trainer
+from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.timing import measure_speed
 from ekd_ddnn.train import build_trainer
+
+log = logging.getLogger(__name__)
 
 
 def _split(requested: str, has_test: bool) -> str:
@@ -67,14 +72,19 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     run = trainer.test if split == "test" else trainer.validate
     run(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    rows = add_errors(depth_rows(net, module.depths), metrics, split)
+    # costs at the size evaluated, which data.image_size may set apart from the trained one
+    size = datamodule.image_size
+    rows = add_errors(depth_rows(net, module.depths, image_size=size), metrics, split)
+    if size != net.config["image_size"]:
+        for row in rows:
+            row["image_size"] = size
 
     if trainer.is_global_zero:
         if cfg.speed.enabled:
             device = cfg.speed.device
             if device == "auto":
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+            shape = (net.config["in_channels"], size, size)
             for row in rows:
                 row.update(
                     measure_speed(
@@ -92,21 +102,40 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
             title += f", BatchNorm recalibrated on {cfg.recalibrate_bn} images"
         write_results(rows, out, title=title)
         plot_accuracy_vs_macs(rows, out / "accuracy_vs_macs.png", title=title)
-        print(format_table(rows))
-        print(f"results: {out / 'results.json'}")
+        log.info("%s\nresults: %s", format_table(rows), out / "results.json")
     return rows, {"module": module, "datamodule": datamodule, "trainer": trainer}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point."""
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """What evaluation can refuse before it reads data or writes anything."""
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise UserError(
             "pass the checkpoint to evaluate: ckpt_path=<run dir>/checkpoints/best.ckpt"
         )
+    check_integer(cfg.seed, "seed")
+    check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    check_trainer(cfg.trainer, allow_cpu_oversubscription=cfg.allow_cpu_oversubscription)
+    speed = cfg.speed
+    if speed.enabled:
+        check_integer(speed.batch_size, "speed.batch_size", minimum=1)
+        check_integer(speed.warmup, "speed.warmup", minimum=0)
+        check_integer(speed.repeats, "speed.repeats", minimum=1)
+        if speed.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"speed.device must be auto, cpu or cuda, got {speed.device!r}")
+        if speed.device == "cuda" and not torch.cuda.is_available():
+            raise UserError(
+                "speed.device=cuda but no CUDA GPU is visible; use speed.device=cpu (or auto), "
+                "or speed.enabled=false"
+            )
+    load_checkpoint(cfg.ckpt_path)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@command(check=check_evaluate_config)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
     evaluate(cfg)
 
 
 if __name__ == "__main__":
-    run_app(main, CONFIG_DIR)
+    run_app(main, "evaluate")

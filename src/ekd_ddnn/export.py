@@ -22,8 +22,11 @@ from torch import Tensor, nn
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.calibration import recalibrate_bn
 from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
-from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.errors import UserError
 from ekd_ddnn.models import DepthDynamicNet, count_params
+from ekd_ddnn.run.checks import check_integer
+from ekd_ddnn.run.cli import command, run_app
+from ekd_ddnn.run.files import write_atomically
 
 FORMATS = ("state_dict", "torchscript", "onnx")
 
@@ -40,14 +43,18 @@ class LogitsOnly(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temporary file, so a failed export never leaves a partial ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_out(out: Path, fmt: str, *, overwrite: bool) -> None:
+    """The export can be written: a known format and a file path we may (over)write."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if out.is_dir():
+        raise UserError(f"out={out} is a directory; give a file path, e.g. out={out}/net.pt")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise UserError(f"{out} already exists; pass overwrite=true to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {out}: {out.parent} is read-only; choose another out=")
 
 
 def export_depth(
@@ -60,23 +67,18 @@ def export_depth(
 ) -> dict:
     """Export depth ``depth`` (a name or block counts) of ``net`` to ``out`` as ``fmt``."""
     out = Path(out)
-    if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass overwrite=true to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
+    check_out(out, fmt, overwrite=overwrite)
     blocks = net.depth_of(depth)
     standalone = net.extract(blocks).eval()
     size = net.config["image_size"]
     example = torch.randn(2, net.config["in_channels"], size, size)
     model = LogitsOnly(standalone).eval()
     if fmt == "state_dict":
-        _write_atomically(out, lambda p: torch.save(standalone.state_dict(), p))
+        write_atomically(out, lambda f: torch.save(standalone.state_dict(), f))
     elif fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, example)
-        _write_atomically(out, lambda p: traced.save(str(p)))
+        write_atomically(out, lambda f: torch.jit.save(traced, f))
     else:
         try:
             import onnx  # noqa: F401
@@ -86,21 +88,17 @@ def export_depth(
                 "ONNX export needs the onnx extra: pip install 'ekd-ddnn[onnx]'"
             ) from None
         batch = torch.export.Dim("batch", min=1)
-
-        def write_onnx(p: Path) -> None:
-            torch.onnx.export(
-                model,
-                (example,),
-                str(p),
-                dynamo=True,
-                dynamic_shapes=({0: batch},),
-                input_names=["images"],
-                output_names=["logits"],
-                external_data=False,  # one self-contained file
-                verbose=False,
-            )
-
-        _write_atomically(out, write_onnx)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+        )
+        proto = program.model_proto.SerializeToString()  # one self-contained file
+        write_atomically(out, lambda f: f.write(proto))
     return {
         "name": net.name_of(blocks),
         "blocks": list(blocks),
@@ -111,13 +109,19 @@ def export_depth(
     }
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-@report_user_errors
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: prints the depth, its params and the file size."""
+def check_export_config(cfg: DictConfig) -> None:
+    """What export can refuse before it reads the checkpoint: arguments and the output path."""
     for key in ("ckpt_path", "depth", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"pass {key}=...: ckpt_path=<file> depth=<name or [blocks]> out=<path>")
+    check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    check_out(Path(cfg.out), cfg.format, overwrite=cfg.overwrite)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@command(check=check_export_config, run_dir=False)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: prints the depth, its params and the file size."""
     depth = cfg.depth
     depth = list(depth) if isinstance(depth, ListConfig) else str(depth)
     ckpt = load_checkpoint(cfg.ckpt_path)
@@ -138,4 +142,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_app(main, CONFIG_DIR)
+    run_app(main, "export")

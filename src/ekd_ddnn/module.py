@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from ekd_ddnn.errors import DivergedError
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.optim import param_groups
@@ -81,6 +82,35 @@ class EKDModule(L.LightningModule):
                 for split in SPLITS
             }
         )
+        # first global step whose loss was NaN or inf (-1: none), kept on the device so that
+        # watching for divergence costs no host sync per step
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+
+    def metric_keys(self) -> set[str]:
+        """Every key this module logs (what a checkpoint or early-stopping monitor may name)."""
+        keys = {"train/loss"}
+        for name in self.names:
+            keys |= {f"train/{term}/{name}" for term in ("ce", "kl", "mse")}
+        for split in SPLITS:
+            for name in self.names:
+                keys |= {f"{split}/{m}/{name}" for m in ("top1", "top5", "top1_err", "top5_err")}
+            keys.add(f"{split}/top1_err/mean")
+            if len(self.names) > 1:
+                keys.add(f"{split}/top1_err/subnets_mean")
+        return keys
+
+    def check_finite(self) -> None:
+        """Stop the run if any training loss so far was NaN or inf (one host sync)."""
+        step = int(self.first_nonfinite_step)
+        if step < 0:
+            return
+        lrs = sorted({g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups})
+        raise DivergedError(
+            f"training diverged: the loss became NaN or infinite at step {step} (learning rate "
+            f"{', '.join(f'{lr:g}' for lr in lrs)}); lower optimizer.lr or ekd.w / ekd.a, or clip "
+            "gradients (trainer.gradient_clip_val=1.0); no results were written and "
+            "checkpoints/ keeps the last finite state"
+        )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of every trained depth, full-net first."""
@@ -91,11 +121,17 @@ class EKDModule(L.LightningModule):
         outputs = self.net.forward_depths(x, self.depths)
         terms = self.loss([o[0] for o in outputs], [o[1] for o in outputs], y)
         self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
+        unseen = (self.first_nonfinite_step < 0) & ~torch.isfinite(terms.total.detach())
+        self.first_nonfinite_step.copy_(
+            torch.where(unseen, self.global_step, self.first_nonfinite_step)
+        )
         # Each self.log call costs ~1 ms of Python; log the terms only on the steps the
         # loggers write (every trainer.log_every_n_steps), as Lightning would keep them.
+        # Divergence is checked on the same steps (one sync) and before every checkpoint.
         trainer = self.trainer
         if not trainer.fast_dev_run and (self.global_step + 1) % trainer.log_every_n_steps:
             return terms.total
+        self.check_finite()
         logs = {"train/loss": terms.total}
         for name, ce, kl, mse in zip(self.names, terms.ce, terms.kl, terms.mse, strict=True):
             logs[f"train/ce/{name}"] = ce
@@ -138,7 +174,11 @@ class EKDModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # a diverged state is never saved: the last finite one stays
         # Lightning does not store the random state; with it, a run resumed from an epoch-end
         # checkpoint draws the same shuffles and augmentations as one never interrupted.
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
@@ -159,6 +199,9 @@ class EKDModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
+        if self.trainer.num_training_batches == float("inf"):
+            # max_epochs=-1 with max_steps: Lightning has not loaded the training data yet
+            self.trainer.fit_loop.setup_data()
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(
             1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches

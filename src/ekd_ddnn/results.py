@@ -1,22 +1,39 @@
 """The per-depth results table: one row per depth with size, cost and errors.
 
 Written as ``results.json`` (a list of objects, full-net first) and ``results.md`` in a run
-directory; DESIGN section 5 fixes the keys users script against.
+directory; DESIGN section 5 fixes the keys users script against. :func:`read_results` and
+:func:`read_overrides` read a finished run back (aggregate, study) with one-line errors.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ekd_ddnn.models import DepthDynamicNet, count_macs, count_params
+import yaml
+
+from ekd_ddnn.errors import UserError
+
+if TYPE_CHECKING:  # the models (torch) load on use: aggregate and study only read files
+    from ekd_ddnn.models import DepthDynamicNet
 
 
-def depth_rows(net: DepthDynamicNet, depths: Sequence[Sequence[int]] | None = None) -> list[dict]:
-    """Name, blocks, standalone params and MACs (one image at the net's input size) per depth."""
-    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+def depth_rows(
+    net: DepthDynamicNet,
+    depths: Sequence[Sequence[int]] | None = None,
+    *,
+    image_size: int | None = None,
+) -> list[dict]:
+    """Name, blocks, standalone params and MACs per depth: MACs of one image at
+    ``image_size`` (default: the size the net was built for)."""
+    from ekd_ddnn.models import count_macs, count_params
+
+    size = image_size or net.config["image_size"]
+    shape = (net.config["in_channels"], size, size)
     rows = []
     for depth in net.depths if depths is None else depths:
         standalone = net.extract(depth)
@@ -77,25 +94,158 @@ def format_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[Mapping], out_dir: str | Path, title: str = "") -> Path:
-    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out_dir``."""
+def write_table(
+    out_dir: str | Path,
+    stem: str,
+    rows: Sequence[Mapping],
+    markdown: str,
+    *,
+    document: object = None,
+) -> list[Path]:
+    """Write ``<stem>.json`` (``document``, default the rows), ``<stem>.csv`` (one line per
+    row; lists as ``3-3-3``) and ``<stem>.md`` into ``out_dir``, each atomically.
+
+    The one writer of our tables: results, study and aggregate.
+    """
+    from ekd_ddnn.run.files import write_text_atomically
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    path.write_text(json.dumps(list(rows), indent=2) + "\n")
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["name"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_value(v) for k, v in row.items()} for row in rows)
+    paths = [out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md")]
+    payload = list(rows) if document is None else document
+    for path, text in zip(
+        paths, (json.dumps(payload, indent=2) + "\n", buffer.getvalue(), markdown), strict=True
+    ):
+        write_text_atomically(path, text)
+    return paths
+
+
+def write_results(rows: Sequence[Mapping], out_dir: str | Path, title: str = "") -> Path:
+    """Write ``results.json``, ``results.csv`` and ``results.md`` into ``out_dir``."""
     split = rows[0].get("split") if rows else None
     header = f"# {title}\n\n" if title else ""
     note = f"\nErrors on the {split} split.\n" if split else ""
-    (out_dir / "results.md").write_text(header + format_table(rows) + "\n" + note)
-    return path
+    return write_table(out_dir, "results", rows, header + format_table(rows) + "\n" + note)[0]
 
 
 def _csv_value(value: object) -> object:
     return "-".join(map(str, value)) if isinstance(value, list) else value
+
+
+def _kind(value: object) -> str:
+    """``an object``, ``a list``, ... : what a JSON/YAML value is, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return next((k for t, k in kinds.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """``value`` as JSON on one line, cut to ``limit`` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_null(value: object) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+# the keys aggregate and study read (DESIGN section 5), and what each must hold
+RESULT_KEYS = {
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "blocks": ("a list of integers", lambda v: isinstance(v, list) and all(map(_is_int, v))),
+    "top1_err": ("a number or null", _is_number_or_null),
+    "split": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _results_problem(rows: object) -> str | None:
+    """Why ``rows`` is not a results table (one line), or None where it is one."""
+    if not isinstance(rows, list):
+        return f"{_kind(rows)}, not a list of rows"
+    if not rows:
+        return "an empty list, no rows"
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            return f"row {i} is {_kind(row)}, not an object"
+        for key, (wanted, ok) in RESULT_KEYS.items():
+            if key not in row:
+                return f"row {i} has no {key!r}"
+            if not ok(row[key]):
+                return f"row {i}: {key!r} must be {wanted}, got {_shown(row[key])}"
+    return None
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """The rows of a run's ``results.json``, checked: a JSON list of objects with ``name``
+    (str), ``blocks`` (list of int), ``top1_err`` (number or null) and ``split`` (str).
+
+    Anything else (unreadable, truncated, not JSON, another shape) raises :class:`UserError`
+    naming the run (job) folder.
+    """
+    path = Path(path)
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        problem: str | None = f"cannot read it: {exc.strerror or type(exc).__name__}"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        problem = _results_problem(rows)
+    if problem is not None:
+        raise UserError(
+            f"job {path.parent}: {path.name} is not a finished results table ({problem}); "
+            "rerun that job or move its folder away"
+        )
+    return rows
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line for a YAML error: the problem and where (``expected ... at line 2, column 1``)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def read_overrides(run_dir: str | Path) -> list[str]:
+    """The command-line overrides Hydra recorded in ``<run_dir>/.hydra/overrides.yaml``;
+    ``[]`` where there is no such file. A malformed file raises :class:`UserError` naming it."""
+    run_dir = Path(run_dir)
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        items = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        problem: str | None = f"cannot read it: {exc.strerror or type(exc).__name__}"
+    except (yaml.YAMLError, ValueError) as exc:
+        problem = _yaml_problem(exc)
+    else:
+        items = [] if items is None else items
+        if not isinstance(items, list):
+            problem = f"{_kind(items)}, not a list of key=value strings"
+        else:
+            bad = [(i, item) for i, item in enumerate(items, 1) if not isinstance(item, str)]
+            problem = f"item {bad[0][0]} is {_kind(bad[0][1])}, not a string" if bad else None
+    if problem is not None:
+        raise UserError(
+            f"job {run_dir}: .hydra/overrides.yaml is not a list of overrides ({problem}); "
+            "rerun that job or move its folder away"
+        )
+    return items
 
 
 def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:

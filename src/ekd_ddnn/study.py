@@ -13,8 +13,6 @@ interrupted ones from their last checkpoint, and refuses to mix in jobs run with
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import statistics
 import subprocess
@@ -26,14 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.results import read_overrides, read_results, write_table
+from ekd_ddnn.run.cli import report_user_errors, run_app
 
 # every job writes its output to a log file; no progress bar
 QUIET = ["callbacks.rich_progress_bar=null", "++trainer.enable_progress_bar=false"]
@@ -91,6 +90,42 @@ def _depth_names(train_overrides: list[str]) -> list[tuple[list[int], str]]:
     return [(list(d), net.name_of(d)) for d in net.depths]
 
 
+MAX_SEED = 2**32 - 1  # Lightning's seed_everything accepts 0 .. 2**32 - 1
+
+
+def check_seeds(seeds: object) -> list[int]:
+    """``study.seeds`` as a list: non-empty, distinct integers in ``0 .. 2**32 - 1``."""
+    value = OmegaConf.to_container(seeds) if OmegaConf.is_config(seeds) else seeds
+    if isinstance(value, list) and not value:
+        raise UserError("study.seeds is empty; give at least one seed, e.g. study.seeds=[0,1,2]")
+    ints = isinstance(value, list) and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in value
+    )
+    if not ints:
+        raise UserError(
+            f"study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got {value!r}"
+        )
+    out = [s for s in value if not 0 <= s <= MAX_SEED]
+    if out:
+        raise UserError(
+            f"study.seeds must be between 0 and {MAX_SEED} (the seeds Lightning accepts); "
+            f"got {value!r}"
+        )
+    twice = sorted({s for s in value if value.count(s) > 1})
+    if twice:
+        raise UserError(f"study.seeds lists {twice} more than once; give each seed once")
+    return value
+
+
+def check_parallel(parallel: object) -> int:
+    """``parallel``: an integer >= 1 (jobs at the same time)."""
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise UserError(
+            f"parallel must be an integer >= 1 (jobs run at the same time), got {parallel!r}"
+        )
+    return parallel
+
+
 def plan(study: DictConfig, root: Path, extra: Sequence[str] = ()) -> tuple[list[Job], list[str]]:
     """Every job of ``study`` (seed-major, so that early seeds finish first) and the depth
     names; ``extra`` train overrides follow the study's own in every job."""
@@ -102,8 +137,7 @@ def plan(study: DictConfig, root: Path, extra: Sequence[str] = ()) -> tuple[list
             f"study.per_depth / study.differences name column(s) {sorted({*unknown, *pairs})} "
             f"that study.columns does not define ({', '.join(study.columns)})"
         )
-    if not study.seeds:
-        raise UserError("study.seeds is empty; give at least one seed, e.g. study.seeds=[0,1,2]")
+    check_seeds(study.seeds)
     depths = _depth_names(base)
     jobs = []
     for seed in study.seeds:
@@ -121,17 +155,19 @@ def plan(study: DictConfig, root: Path, extra: Sequence[str] = ()) -> tuple[list
 
 
 def _check_job(job: Job) -> None:
-    """The job's config composes, and a run already in its folder had the same overrides."""
+    """The job's config composes, a run already in its folder had the same overrides, and a
+    finished one left a readable ``results.json``."""
     compose_train(job.overrides, f"study job {job.name}")
-    recorded = job.out / ".hydra" / "overrides.yaml"
-    if recorded.is_file():
-        previous = [o for o in yaml.safe_load(recorded.read_text()) or [] if "resume=" not in o]
+    if (job.out / ".hydra" / "overrides.yaml").is_file():
+        previous = [o for o in read_overrides(job.out) if "resume=" not in o]
         if previous != job.overrides:
             changed = " ".join(sorted(set(previous) ^ set(job.overrides)))
             raise UserError(
                 f"{job.out} was run with other settings (differing: {changed}); give this study "
                 "another name (study.name=...) or move that directory away"
             )
+    if job.done:
+        read_results(job.out / "results.json")
 
 
 def run_job(job: Job, threads: int) -> tuple[Job, int, float]:
@@ -153,7 +189,7 @@ def collect(jobs: Sequence[Job]) -> list[dict]:
     for job in jobs:
         if not job.done:
             continue
-        for r in json.loads((job.out / "results.json").read_text()):
+        for r in read_results(job.out / "results.json"):
             rows.append(
                 {"column": job.column, "seed": job.seed, "name": r["name"],
                  "top1_err": r["top1_err"], "split": r.get("split"), "job": job.name}
@@ -234,23 +270,16 @@ def write_study(root: Path, study: DictConfig, jobs: list[Job], names: list[str]
     columns = list(study.columns)
     summary = summarise(rows, names, columns, [list(p) for p in study.differences])
     split = rows[0]["split"] if rows else "val"
-    (root / "study.json").write_text(
-        json.dumps({"study": OmegaConf.to_container(study), **summary, "rows": rows}, indent=2)
-        + "\n"
-    )
-    with open(root / "study.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["column"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (root / "study.md").write_text(
-        f"# Study {study.name}\n\n" + format_study(summary, names, columns, split)
-    )
+    document = {"study": OmegaConf.to_container(study), **summary, "rows": rows}
+    markdown = f"# Study {study.name}\n\n" + format_study(summary, names, columns, split)
+    write_table(root, "study", rows, markdown, document=document)
     return summary
 
 
 def study(cfg: DictConfig) -> dict:
     """Run every unfinished job of ``cfg.study`` and write the study table."""
     root = Path(cfg.paths.output_dir)
+    check_parallel(cfg.parallel)
     jobs, names = plan(cfg.study, root, list(cfg.overrides))
     todo = [job for job in jobs if not job.done]
     print(f"study {cfg.study.name}: {len(jobs)} jobs, {len(jobs) - len(todo)} finished, in {root}")
@@ -258,8 +287,6 @@ def study(cfg: DictConfig) -> dict:
         for job in todo:
             print(job.shell())
         return {}
-    if cfg.parallel < 1:
-        raise UserError(f"parallel must be >= 1, got {cfg.parallel}")
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)
     failed = []
     start = time.perf_counter()
@@ -291,4 +318,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_app(main, CONFIG_DIR)
+    run_app(main, "study")

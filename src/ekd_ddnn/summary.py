@@ -7,12 +7,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import report_user_errors, run_app
 from ekd_ddnn.results import depth_rows, format_table
+from ekd_ddnn.run.checks import check_arguments
+from ekd_ddnn.run.cli import command, run_app
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="summary")
-@report_user_errors
+@command(check=lambda cfg: check_arguments(cfg.model, "model"), run_dir=False)
 def main(cfg: DictConfig) -> None:
     """Print one row per depth: name, blocks, standalone params, MACs (one image)."""
     net = instantiate(cfg.model)
@@ -22,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_app(main, CONFIG_DIR)
+    run_app(main, "summary")

@@ -7,6 +7,8 @@ logs -> ``results.json`` / ``results.md`` in the run directory.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +21,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import UserError, report_user_errors, run_app
+from ekd_ddnn.checkpoint import read_checkpoint
+from ekd_ddnn.errors import UserError
 from ekd_ddnn.launch import ddp_job_scope, use_hydra_job_rank_command
 from ekd_ddnn.loggers import (
     define_depth_metrics,
@@ -29,6 +32,17 @@ from ekd_ddnn.loggers import (
 )
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
+from ekd_ddnn.run.checkpoint_io import SafeCheckpointIO
+from ekd_ddnn.run.checks import (
+    changed_settings,
+    check_arguments,
+    check_integer,
+    check_optimizer,
+    check_trainer,
+)
+from ekd_ddnn.run.cli import command, run_app
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -49,35 +63,69 @@ def build_module(cfg: DictConfig) -> EKDModule:
     )
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to continue from; refuses to start a new run over an old one."""
-    out = Path(cfg.paths.output_dir)
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything a training run can refuse before it writes anything (DESIGN section 5)."""
+    check_integer(cfg.seed, "seed")
+    for group in ("data", "model", "ekd", "scheduler"):
+        check_arguments(cfg.get(group), group)
+    check_optimizer(cfg.optimizer)
+    check_trainer(cfg.trainer, allow_cpu_oversubscription=cfg.allow_cpu_oversubscription)
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)  # missing, unreadable, corrupt or code-running: one line
     if cfg.get("resume"):
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise UserError(
-                f"nothing to resume: {last} does not exist; pass resume=<run dir> of a run "
-                "that saved a checkpoint (or resume=latest)"
-            )
-        wandb = (cfg.get("logger") or {}).get("wandb")
-        previous = sorted(out.glob("wandb/*run-*"))
-        if wandb is not None and wandb.get("id") is None and previous:
-            with open_dict(cfg):  # continue the same W&B run
-                wandb.id = previous[-1].name.rsplit("-", 1)[-1]
-                wandb.resume = "allow"
-        return cfg.get("ckpt_path") or str(last)
-    if any(out.glob("checkpoints/*.ckpt")) or (out / "results.json").is_file():
+        check_resumed_settings(cfg)
+
+
+def check_resumed_settings(cfg: DictConfig) -> None:
+    """A resumed run trains what the run trained: the network, loss, optimizer, schedule,
+    data and seed must match the ones stored in its last checkpoint."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    stored = (read_checkpoint(last).get("hyper_parameters") or {}).get("config")
+    if not stored:
+        return  # written before configs were stored: nothing to compare with
+    refused, allowed = changed_settings(stored, OmegaConf.to_container(cfg, resolve=True))
+    if refused:
         raise UserError(
-            f"run directory {out} already holds a run; continue it with resume={out}, "
-            "or choose another hydra.run.dir"
+            f"resume={cfg.paths.output_dir} would change what the run trains: "
+            f"{'; '.join(refused)}; resume without those overrides, or start a new run"
         )
-    return cfg.get("ckpt_path")
+    if allowed:
+        log.info("resuming with changed settings: %s", "; ".join(allowed))
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from (``resume``: the run's ``last.ckpt``), continuing its
+    W&B run under the same id."""
+    if not cfg.get("resume"):
+        return cfg.get("ckpt_path")
+    out = Path(cfg.paths.output_dir)
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    previous = sorted(out.glob("wandb/*run-*"))
+    if wandb is not None and wandb.get("id") is None and previous:
+        with open_dict(cfg):  # continue the same W&B run
+            wandb.id = previous[-1].name.rsplit("-", 1)[-1]
+            wandb.resume = "allow"
+    return cfg.get("ckpt_path") or str(out / "checkpoints" / "last.ckpt")
+
+
+def check_monitors(callbacks: list[Any], module: EKDModule) -> None:
+    """Every callback ``monitor`` (checkpoints, early stopping) names a metric we log."""
+    keys = module.metric_keys()
+    for callback in callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if monitor is not None and monitor not in keys:
+            close = difflib.get_close_matches(monitor, sorted(keys), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(
+                f"{type(callback).__name__} monitors {monitor!r}, which this run never logs"
+                f"{hint} (logged: val/top1_err/<net>, val/top1_err/mean, ...)"
+            )
 
 
 def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """Instantiate the Trainer; a setting the machine cannot satisfy is a user error."""
     try:
-        return instantiate(trainer_cfg, **kwargs)
+        return instantiate(trainer_cfg, plugins=[SafeCheckpointIO()], **kwargs)
     except Exception as exc:
         cause = exc.__cause__ or exc
         if type(cause).__name__ == "MisconfigurationException" or isinstance(cause, ValueError):
@@ -96,15 +144,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = build_trainer(
-        cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=loggers
-    )
+    callbacks = instantiate_all(cfg.get("callbacks"))
+    check_monitors(callbacks, module)
+    trainer = build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers)
     with contextlib.ExitStack() as stack:
         stack.callback(finish_loggers, trainer.loggers)
         if cfg.get("resume"):
             stack.enter_context(keep_csv_history(trainer.loggers))
         define_depth_metrics(trainer.loggers)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        module.check_finite()  # steps after the last check: no results from a diverged net
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
         # results on the best checkpoint's test split (validation where there is none);
@@ -123,13 +172,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             title = f"{cfg.task_name}: {module.names[0]} DDNN"
             write_results(rows, cfg.paths.output_dir, title=title)
             log_results_table(trainer.loggers, rows)
-            print(format_table(rows))
-            print(f"results: {Path(cfg.paths.output_dir) / 'results.json'}")
+            log.info(
+                "%s\nresults: %s", format_table(rows), Path(cfg.paths.output_dir) / "results.json"
+            )
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-@report_user_errors
+@command(check=check_train_config)
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers when set."""
     use_hydra_job_rank_command()
@@ -145,4 +195,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    run_app(main, CONFIG_DIR)
+    run_app(main, "train")

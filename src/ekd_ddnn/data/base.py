@@ -39,6 +39,10 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise UserError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if num_workers < 0:
+            raise UserError(
+                f"data.num_workers must be >= 0, got {num_workers} (0 loads in the main process)"
+            )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -85,6 +89,15 @@ class ImageDataModule(L.LightningDataModule):
         if not self.has_test_split:
             raise UserError(f"{type(self).__name__} has no test split; evaluate on validation")
         return self._loader(self.test_set, train=False)
+
+
+def check_num_classes(num_classes: int) -> None:
+    """Refuse a configured class count below 2: a classifier over one class learns nothing
+    (and its losses degenerate), so this is a configuration mistake."""
+    if num_classes < 2:
+        raise UserError(
+            f"data.num_classes must be >= 2 (a classifier needs two classes), got {num_classes}"
+        )
 
 
 def check_fixed(dataset: str, **given_and_expected: tuple[int | None, int]) -> None:

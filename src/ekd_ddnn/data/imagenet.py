@@ -10,13 +10,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from ekd_ddnn.data.base import ImageDataModule, check_fixed
+from ekd_ddnn.data.base import ImageDataModule, check_fixed, check_num_classes
 from ekd_ddnn.errors import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, as torchvision's ``pil_loader`` does; a file PIL cannot read
+    (not an image, truncated) is a one-line UserError naming it instead of an error deep in
+    PIL during an epoch."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        reason = "not an image format PIL recognises"
+    except (OSError, SyntaxError) as exc:  # PIL raises SyntaxError for some corrupt files
+        text = (getattr(exc, "strerror", None) or str(exc)).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+    raise UserError(f"cannot read image {path}: {reason}; remove or replace the file")
 
 
 class ImageNetDataModule(ImageDataModule):
@@ -35,6 +52,7 @@ class ImageNetDataModule(ImageDataModule):
     ) -> None:
         super().__init__(**loader_kwargs)
         check_fixed("an image folder", in_channels=(in_channels, 3))
+        check_num_classes(num_classes)
         self.data_dir = Path(data_dir)
         self.num_classes = num_classes
         self.image_size = image_size
@@ -51,7 +69,7 @@ class ImageNetDataModule(ImageDataModule):
                 f"{self.data_dir}/train and {self.data_dir}/val, or set data.data_dir"
             )
         try:
-            dataset = ImageFolder(str(path), transform=transform)
+            dataset = ImageFolder(str(path), transform=transform, loader=load_rgb)
         except (FileNotFoundError, RuntimeError) as exc:
             raise UserError(f"cannot read image folder {path}: {exc}") from None
         if len(dataset.classes) != self.num_classes:

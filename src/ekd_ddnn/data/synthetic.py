@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from ekd_ddnn.data.base import ImageDataModule
+from ekd_ddnn.data.base import ImageDataModule, check_num_classes
 
 
 def make_synthetic(
@@ -36,6 +36,7 @@ class SyntheticDataModule(ImageDataModule):
         **loader_kwargs,
     ) -> None:
         super().__init__(**loader_kwargs)
+        check_num_classes(num_classes)
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.image_size = image_size

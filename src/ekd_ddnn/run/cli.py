@@ -1,0 +1,307 @@
+"""The command-line wrapper every ``python -m ekd_ddnn.<command>`` runs through.
+
+Before Hydra starts (:func:`run_app`): overrides must parse (exit 2), name existing config
+options and keys, compose, and the run directory must be writable; ``resume=<dir>`` reuses
+the run's recorded overrides. Inside the Hydra job (:func:`command`): the command's own
+checks, then the run-directory lock and record, then the work; a :class:`UserError`
+anywhere becomes one ``error:`` line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ekd_ddnn import CONFIG_DIR
+from ekd_ddnn.errors import UserError, find_user_error
+from ekd_ddnn.results import read_overrides
+from ekd_ddnn.run.rundir import holds_run, run_dir_lock, write_record
+
+T = TypeVar("T")
+
+
+def _one_line(error: UserError) -> str:
+    """The message; an error re-raised from a DataLoader worker carries the worker's
+    traceback in its text, of which the last line is the message."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        return re.sub(r"^[\w.]*Error: ", "", lines[-1].strip())
+    return lines[0] if lines else type(error).__name__
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: <message>`` on stderr (and into the run's log file) and exit."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    record = logging.LogRecord("ekd_ddnn", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    sys.exit(code)
+
+
+def route_logs_to_run_log() -> None:
+    """Send Lightning's messages and Python warnings through the root logger, which Hydra
+    writes to the console and to the run's log file. Lightning gives its loggers a console
+    handler of their own when imported before logging is configured (so nothing of theirs
+    reached the file); that handler is removed."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    logging.captureWarnings(True)
+
+
+def report_user_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate an entry point: a :class:`UserError` becomes one stderr line and exit code 1.
+    Everything else is a bug and keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            user_error = find_user_error(exc)
+            if user_error is None:
+                raise
+            fail(_one_line(user_error))
+
+    return wrapper
+
+
+def _rank() -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) or 0
+
+
+def command(
+    check: Callable[[DictConfig], None] | None = None, *, run_dir: bool = True
+) -> Callable[[Callable[[DictConfig], T]], Callable[[DictConfig], T]]:
+    """Wrap a Hydra task function: ``check(cfg)``, then (commands with a run directory)
+    lock it, refuse one that already holds a run (unless ``resume``), write the run's
+    record; then run the task.
+
+    Ranks other than 0 of a DDP run share rank 0's directory and skip all but the check.
+    """
+
+    def decorate(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+        @functools.wraps(fn)
+        @report_user_errors
+        def wrapper(cfg: DictConfig) -> T:
+            route_logs_to_run_log()
+            if check is not None:
+                check(cfg)
+            if not run_dir or _rank() != 0:
+                return fn(cfg)
+            out = Path(cfg.paths.output_dir)
+            resumed = bool(cfg.get("resume"))
+            with run_dir_lock(out):
+                if not resumed and holds_run(out):
+                    raise UserError(
+                        f"run directory {out} already holds a run; continue it with "
+                        f"resume={out}, or choose another hydra.run.dir"
+                    )
+                write_record(cfg, out, resumed=resumed)
+                return fn(cfg)
+
+        return wrapper
+
+    return decorate
+
+
+# ------------------------------------------------------------------ before Hydra starts
+
+
+def check_override_syntax(args: list[str]) -> list[Any]:
+    """Parse the overrides (Hydra's grammar); exit 2 with one line when one does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parsed = []
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            parsed += OverridesParser.create().parse_overrides([arg])
+        except OverrideParseException as exc:
+            fail(f"cannot parse override {arg!r}: {str(exc).strip().splitlines()[0]}", 2)
+    return parsed
+
+
+def check_group_choices(args: list[str], config_dir: str | Path = CONFIG_DIR) -> None:
+    """Reject ``group=option`` overrides naming no config file, naming the valid options."""
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        group = Path(config_dir) / key
+        if not sep or key.startswith("hydra") or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
+        for choice in value.split(","):  # multirun: a,b,c
+            if choice and choice != "null" and choice not in options:
+                raise UserError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
+
+
+def _unknown_key_message(cfg_keys: DictConfig | None, full_key: str) -> str:
+    """``unknown key a.b`` with the closest existing key of its parent, where there is one."""
+    parent, _, leaf = full_key.rpartition(".")
+    hint = ""
+    if isinstance(cfg_keys, DictConfig):
+        node = OmegaConf.select(cfg_keys, parent) if parent else cfg_keys
+        if isinstance(node, DictConfig):
+            close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+            if close:
+                hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+    return (
+        f"unknown key {full_key}{hint} (to add a new key on purpose: +{full_key}=...)"
+        if hint
+        else f"unknown key {full_key}; check the spelling (to add a new key: +{full_key}=...)"
+    )
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+
+
+def check_composes(config_name: str, parsed: list[Any]) -> DictConfig:
+    """Compose the config as Hydra will (a sweep by its first value); one line if it fails."""
+    from hydra.errors import ConfigCompositionException
+
+    overrides = []
+    for o in parsed:
+        if o.is_sweep_override():
+            first = next(iter(o.sweep_string_iterator()), None)
+            overrides.append(f"{o.get_key_element()}={first}")
+        else:
+            overrides.append(o.input_line)
+    try:
+        return _compose(config_name, overrides)
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        full_key = getattr(cause, "full_key", None)
+        if full_key and "not in struct" in str(cause):
+            keep = [o for o in overrides if not o.lstrip("+~").startswith(full_key + "=")]
+            try:
+                base = _compose(config_name, keep)
+            except ConfigCompositionException:
+                base = None
+            raise UserError(_unknown_key_message(base, full_key)) from None
+        lines = str(exc).strip().splitlines()
+        raise UserError(f"cannot compose the config: {lines[0] if lines else exc}") from None
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """``path`` can be created (or exists) as a directory we may write into."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a directory; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{what} {path} is not writable ({probe} is read-only or not yours); "
+            "choose another path"
+        )
+
+
+@contextlib.contextmanager
+def _hydra_runtime(cfg: DictConfig) -> Iterator[None]:
+    """Resolve ``${hydra:...}`` of a config composed outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig().set_config(cfg)
+    try:
+        yield
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def _within(key: str, other: str) -> bool:
+    """``key`` is ``other`` or lies inside it (``callbacks.kill.epoch`` in ``callbacks.kill``)."""
+    return key == other or key.startswith(other + ".")
+
+
+def _resume_dir(config_name: str, args: list[str]) -> Path | None:
+    """The run directory ``resume=`` names (``latest``: the newest run with a checkpoint)."""
+    value = next((a.partition("=")[2] for a in reversed(args) if a.startswith("resume=")), None)
+    if value in (None, "", "null"):
+        return None
+    if value != "latest":
+        return Path(value)
+    try:  # `latest` depends on the log folder and task: compose without deletions
+        cfg = _compose(config_name, [a for a in args if a[:1] not in ("-", "~")])
+    except Exception:
+        return None  # the full compose below reports what is wrong
+    with _hydra_runtime(cfg):
+        return Path(cfg.hydra.run.dir)
+
+
+def with_recorded_overrides(run_dir: Path, args: list[str]) -> list[str]:
+    """``resume=<dir>``: the run's recorded overrides first, those given now on top.
+
+    A recorded override is dropped where one given now sets the same key (or a key above
+    it); ``~key`` of a key that only the recorded overrides added is that dropping.
+    """
+    recorded = [o for o in read_overrides(run_dir) if not _key(o).startswith("hydra")]
+    given = {_key(a) for a in args if not a.startswith("-")}
+    previous = [o for o in recorded if not any(_within(_key(o), k) for k in given)]
+    added = [_key(o) for o in recorded if o.startswith("+")]
+    kept = [a for a in args if not (a.startswith("~") and any(_within(k, _key(a)) for k in added))]
+    return [*previous, *kept]
+
+
+def preflight(config_name: str, args: list[str]) -> list[str]:
+    """Every check that needs no Hydra job; returns the arguments to run Hydra with."""
+    parsed = check_override_syntax(args)
+    check_group_choices(args)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    resume = None if multirun else _resume_dir(config_name, args)
+    if resume is not None:
+        if not (resume / "checkpoints" / "last.ckpt").is_file():
+            raise UserError(
+                f"nothing to resume: {resume}/checkpoints/last.ckpt does not exist; pass "
+                "resume=<run dir> of a run that saved a checkpoint (or resume=latest)"
+                if not any(a == "resume=latest" for a in args)
+                else f"nothing to resume: no run in {resume.parent} has checkpoints/last.ckpt; "
+                "start a new run without resume="
+            )
+        args = with_recorded_overrides(resume, args)
+        parsed = check_override_syntax(args)
+    cfg = check_composes(config_name, parsed)
+    multirun = multirun or cfg.hydra.mode == "MULTIRUN"
+    with _hydra_runtime(cfg):
+        run_dir = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
+    check_writable_dir(run_dir, "run directory")
+    return args
+
+
+def run_app(main: Callable[[], object], config_name: str) -> None:
+    """Run a ``@hydra.main`` entry point after :func:`preflight`."""
+    try:
+        sys.argv[1:] = preflight(config_name, sys.argv[1:])
+    except UserError as exc:
+        fail(_one_line(exc))
+    main()

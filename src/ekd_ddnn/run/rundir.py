@@ -1,0 +1,104 @@
+"""The run directory: one run at a time (a lock), never a new run over an old one, and the
+run's record (``.hydra/``) written only once the checks have passed.
+
+Hydra writes nothing itself (``hydra.output_subdir: null``): a refused command leaves the
+directory as it was, and a resumed run records its settings beside the original record
+(``.hydra/resume-<n>/``) instead of over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.run.files import write_text_atomically
+
+LOCK = ".lock"
+RECORD = ".hydra"
+
+
+def _holder(lock: Path) -> tuple[str, int | None]:
+    """(host, pid) written in a lock file; pid None when unreadable."""
+    try:
+        host, _, pid = lock.read_text().strip().partition(":")
+        return host, int(pid)
+    except (OSError, ValueError):
+        return "", None
+
+
+def _alive(host: str, pid: int | None) -> bool:
+    if pid is None or host != socket.gethostname():
+        return True  # cannot tell for another machine: assume the run is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (created atomically, holding ``host:pid``) while inside.
+
+    A lock left by a process that died (``kill -9``, a crash) on this host is taken over; a
+    live holder, or one on another host, refuses the run in one line.
+    """
+    lock = Path(run_dir) / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            host, pid = _holder(lock)
+            if _alive(host, pid):
+                where = f"pid {pid}" + (f" on {host}" if host != socket.gethostname() else "")
+                raise UserError(
+                    f"run directory {run_dir} is in use by another run ({where}); wait for it "
+                    f"to end or choose another hydra.run.dir (delete {lock} if that run is dead)"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise UserError(f"cannot lock run directory {run_dir}; another run keeps taking it")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()}:{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if _holder(lock) == (socket.gethostname(), os.getpid()):
+            lock.unlink(missing_ok=True)
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` already holds a run's output (checkpoints or results)."""
+    run_dir = Path(run_dir)
+    return any(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "results.json").is_file()
+
+
+def write_record(cfg: DictConfig, run_dir: str | Path, *, resumed: bool = False) -> Path:
+    """Write Hydra's record of this run (``config.yaml``, ``hydra.yaml``, ``overrides.yaml``).
+
+    A new run writes ``.hydra/``; a resumed one ``.hydra/resume-<n>/`` beside the original.
+    """
+    folder = Path(run_dir) / RECORD
+    if resumed:
+        n = 1
+        while (folder / f"resume-{n}").exists():
+            n += 1
+        folder = folder / f"resume-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    write_text_atomically(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text_atomically(folder / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    write_text_atomically(
+        folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task))
+    )
+    return folder
