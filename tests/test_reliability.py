@@ -3,12 +3,15 @@ catalogue of user mistakes (docs/errors.md) through the real command line."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import re
 import secrets
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,15 @@ import torchvision
 from ekd_ddnn.checkpoint import load_checkpoint
 from ekd_ddnn.train import train
 from tests.conftest import REPO, SHARED_CIFAR, compose_config, run_cli
+from tests.test_data import (
+    IMG_SIZES,
+    RunsCode,
+    cifar_batch,
+    dump,
+    write_cifar10,
+    write_image_folder,
+)
+from tests.test_trust import code_running_data_configs, craft_checkpoint
 
 RUN = [
     "data=synthetic",
@@ -269,25 +281,235 @@ CATALOGUE = [
         "depth [1, 1, 2, 2, 9]: stage 5 has 9 blocks",
     ),
     ("aggregate", ["{tmp}"], 1, "{tmp} holds no finished jobs (no */results.json)"),
+    # ---- issue 13: files that would run code, lost work, wrong results, tracebacks
+    (
+        "evaluate",
+        ["ckpt_path={data_rce_ckpt}"],
+        1,
+        "the checkpoint names an unknown data class (torch.load, io.BytesIO); pass data=<name> (digits, cifar10, cifar100, imagenet, synthetic) and data.data_dir=...",
+    ),
+    (
+        "export",
+        ["ckpt_path={data_rce_ckpt}", "depth=resnet8", "out={tmp}/y.pt", "recalibrate_bn=8"],
+        1,
+        "the checkpoint names an unknown data class (torch.load, io.BytesIO)",
+    ),
+    (
+        "train",
+        ["experiment=cifar10_r20", "data.data_dir={evil_cifar}"],
+        1,
+        "cannot read cifar10 file {evil_cifar}/cifar-10-batches-py/data_batch_1: it holds a Python object (posix.system) that would run code on load; use the official python-version files",
+    ),
+    (
+        "train",
+        ["experiment=cifar10_r20", "data.data_dir={bad_meta_cifar}"],
+        1,
+        "cannot read cifar10 file {bad_meta_cifar}/cifar-10-batches-py/batches.meta: not a CIFAR meta file (unreadable pickle:",
+    ),
+    (
+        "evaluate",
+        ["ckpt_path={evil_ckpt}"],
+        1,
+        "checkpoint {evil_ckpt} was refused: it holds a Python object (posix.system) that would run code on load; only load checkpoints written by ekd-ddnn",
+    ),
+    (
+        "train",
+        ["ckpt_path={evil_ckpt}"],
+        1,
+        "checkpoint {evil_ckpt} was refused: it holds a Python object (posix.system) that would run code on load",
+    ),
+    ("train", ["ckpt_path={tmp}/none.ckpt"], 1, "checkpoint {tmp}/none.ckpt does not exist"),
+    (
+        "evaluate",
+        ["ckpt_path={tmp}"],
+        1,
+        "checkpoint {tmp} is a directory; pass the file, e.g. {tmp}/checkpoints/last.ckpt",
+    ),
+    (
+        "train",
+        ["optimizer.lr=1e6"],
+        1,
+        "training diverged: the loss became NaN or infinite at step",
+    ),
+    ("train", ["ekd.w=nan"], 1, "ekd.w must be a finite number, got nan"),
+    ("train", ["ekd.temperature=inf"], 1, "ekd.temperature must be a finite number, got inf"),
+    ("train", ["optimizer.lr=-1"], 1, "optimizer.lr must be > 0, got -1"),
+    (
+        "train",
+        ["optimizer.momentum=-1"],
+        1,
+        "optimizer: Invalid momentum value: -1; check optimizer.*",
+    ),
+    ("train", ["seed=abc"], 1, "seed must be an integer, got 'abc'"),
+    ("train", ["data.batch_size=abc"], 1, "data.batch_size must be an integer, got 'abc'"),
+    (
+        "train",
+        ["data.num_workers=-1"],
+        1,
+        "data.num_workers must be >= 0, got -1 (0 loads in the main process)",
+    ),
+    (
+        "train",
+        ["data=synthetic", "data.num_classes=1"],
+        1,
+        "data.num_classes must be >= 2 (a classifier needs two classes), got 1",
+    ),
+    ("train", ["model.subnets=[[2.5,2,2]]"], 1, "model.subnets[0][0] must be an integer, got 2.5"),
+    (
+        "train",
+        ["trainer.max_epochs=0"],
+        1,
+        "trainer.max_epochs=0 trains nothing; give at least 1 (or -1 for no limit)",
+    ),
+    (
+        "train",
+        ["trainer.max_epoch=1"],
+        1,
+        "unknown key trainer.max_epoch; did you mean trainer.max_epochs? (to add a new key on purpose: +trainer.max_epoch=...)",
+    ),
+    ("train", ["trainer.devices=64"], 1, "trainer.devices=64 starts 64 CPU processes on "),
+    (
+        "train",
+        ["callbacks.model_checkpoint.monitor=val/top1_err/man"],
+        1,
+        "ModelCheckpoint monitors 'val/top1_err/man', which this run never logs; did you mean val/top1_err/mean?",
+    ),
+    (
+        "train",
+        ["resume=latest"],
+        1,
+        "nothing to resume: no run in {cwd}/logs/train/runs has checkpoints/last.ckpt; start a new run without resume=",
+    ),
+    (
+        "train",
+        ["hydra.run.dir={file}/run"],
+        1,
+        "run directory {file}/run: {file} is a file, not a directory; choose another path",
+    ),
+    (
+        "train",
+        ["hydra.run.dir={readonly}/run"],
+        1,
+        "run directory {readonly}/run is not writable ({readonly} is read-only or not yours); choose another path",
+    ),
+    (
+        "train",
+        [
+            "data=imagenet",
+            "data.data_dir={bad_images}",
+            "data.num_classes=3",
+            "data.image_size=16",
+            "data.batch_size=2",
+            "data.num_workers=2",
+            "model=cifar_resnet20",
+        ],
+        1,
+        "cannot read image {bad_images}/train/cat/broken.png: ",
+    ),
+    ("evaluate", ["ckpt_path={ckpt}", "speed.repeats=0"], 1, "speed.repeats must be >= 1, got 0"),
+    (
+        "evaluate",
+        ["ckpt_path={ckpt}", "speed.device=cuda"],
+        1,
+        "speed.device=cuda but no CUDA GPU is visible; use speed.device=cpu (or auto), or speed.enabled=false",
+    ),
+    (
+        "export",
+        ["ckpt_path={ckpt}", "depth=resnet8", "out={tmp}", "overwrite=true"],
+        1,
+        "out={tmp} is a directory; give a file path, e.g. out={tmp}/net.pt",
+    ),
+    (
+        "export",
+        ["ckpt_path={ckpt}", "depth=resnet8", "out={readonly}/x.pt"],
+        1,
+        "cannot write {readonly}/x.pt: {readonly} is read-only; choose another out=",
+    ),
+    (
+        "aggregate",
+        ["{truncated_sweep}"],
+        1,
+        "job {truncated_sweep}/1: results.json is not a finished results table (",
+    ),
+    (
+        "study",
+        ["study=smoke", "study.seeds=[a]"],
+        1,
+        "study.seeds must be a list of integers, e.g. study.seeds=[0,1,2]; got ['a']",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def catalogue_files(digits_run, tmp_path_factory):
-    """The files the catalogue's commands refer to."""
+    """The files the catalogue's commands refer to; ``marker`` must never be created."""
     tmp = tmp_path_factory.mktemp("catalogue")
+    marker = tmp / "code_ran"
     weights = tmp / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     best = digits_run / "checkpoints" / "best.ckpt"
     truncated = tmp / "truncated.ckpt"
     truncated.write_bytes(best.read_bytes()[:5000])
-    return {
-        "ckpt": best,
-        "tmp": tmp,
-        "weights": weights,
-        "truncated": truncated,
-        "cifar": SHARED_CIFAR,
-    }
+    evil_ckpt = tmp / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": RunsCode(f"touch {marker}")}, evil_ckpt)
+    data = code_running_data_configs(marker)["torch.load"]
+    data_rce_ckpt = craft_checkpoint(best, tmp / "data_rce.ckpt", data)
+    evil_cifar, bad_meta_cifar = tmp / "evil_cifar", tmp / "bad_meta_cifar"
+    dump(write_cifar10(evil_cifar) / "data_batch_1", cifar_batch(data=RunsCode(f"touch {marker}")))
+    (write_cifar10(bad_meta_cifar) / "batches.meta").write_bytes(b"\x80\x04garbage")
+    bad_images = tmp / "bad_images"
+    for split in ("train", "val"):
+        write_image_folder(bad_images, split, ["ant", "bee", "cat"], IMG_SIZES[:2])
+    (bad_images / "train" / "cat" / "broken.png").write_bytes(b"not an image")
+    file = tmp / "a_file"
+    file.write_text("x")
+    sweep = tmp / "sweep"
+    for job, text in (("0", json.dumps(RESULTS_ROWS)), ("1", json.dumps(RESULTS_ROWS)[:40])):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- ekd.w={job}\n")
+        (sweep / job / "results.json").write_text(text)
+    with contextlib.ExitStack() as stack:
+        readonly = stack.enter_context(read_only_folder(tmp / "readonly"))
+        yield {
+            "ckpt": best,
+            "tmp": tmp,
+            "weights": weights,
+            "truncated": truncated,
+            "cifar": SHARED_CIFAR,
+            "evil_ckpt": evil_ckpt,
+            "data_rce_ckpt": data_rce_ckpt,
+            "evil_cifar": evil_cifar,
+            "bad_meta_cifar": bad_meta_cifar,
+            "bad_images": bad_images,
+            "file": file,
+            "readonly": readonly,
+            "truncated_sweep": sweep,
+            "marker": marker,
+        }
+
+
+RESULTS_ROWS = [{"name": "resnet20", "blocks": [3, 3, 3], "top1_err": 10.0, "split": "val"}]
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """A folder nobody may write into, root included: a read-only tmpfs where one can be
+    mounted, else a mode-555 folder (read-only for everyone but root)."""
+    path.mkdir()
+    mounted = os.geteuid() == 0 and (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+        path.chmod(0o755)
 
 
 @pytest.mark.slow
@@ -295,12 +517,17 @@ def catalogue_files(digits_run, tmp_path_factory):
 def test_bad_input_catalogue(module, args, code, message, catalogue_files, tmp_path):
     """Each mistake: its exit code, exactly one 'error:' line on stderr, no traceback, and
     no run output (results, checkpoints) written."""
-    if "{cifar}" in " ".join(args) and not SHARED_CIFAR.is_dir():
+    joined = " ".join(args)
+    if "{cifar}" in joined and not SHARED_CIFAR.is_dir():
         pytest.skip("../shared/data/cifar10-subset is not beside the repository")
-    fill = lambda text: text.format(**catalogue_files)  # noqa: E731
+    if "{readonly}" in joined and os.access(catalogue_files["readonly"], os.W_OK):
+        pytest.skip("no read-only folder here: root, and no tmpfs can be mounted")
+    if "speed.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    fill = lambda text: text.format(**catalogue_files, cwd=tmp_path)  # noqa: E731
     run_dir = tmp_path / "run"
     hydra_dir = [] if module in ("export", "summary", "aggregate") else [f"hydra.run.dir={run_dir}"]
-    if module == "train" and args[0].startswith("resume="):
+    if any(a.startswith(("resume=", "hydra.run.dir=")) for a in args):
         hydra_dir = []
     result = run_cli(module, *[fill(a) for a in args], *hydra_dir, cwd=tmp_path)
     assert result.returncode == code, result.stderr
@@ -309,6 +536,7 @@ def test_bad_input_catalogue(module, args, code, message, catalogue_files, tmp_p
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: " + fill(message)), errors[0]
     assert not (run_dir / "results.json").exists() and not list(run_dir.glob("checkpoints/*"))
+    assert not catalogue_files["marker"].exists()  # no code from a file ever ran
 
 
 def test_catalogue_is_documented():

@@ -277,8 +277,9 @@ def test_evaluate_at_another_image_size_reports_its_macs(digits_run, tmp_path):
     net = build_net("cifar_resnet20", num_classes=10, in_channels=1, image_size=32)
     from ekd_ddnn.models import count_macs
 
-    assert runs[32][0]["macs"] == count_macs(net.extract([3, 3, 3]), (1, 32, 32))
-    assert runs[32][0]["macs"] == 4 * runs[16][0]["macs"]
+    for size in (16, 32):
+        assert runs[size][0]["macs"] == count_macs(net.extract([3, 3, 3]), (1, size, size))
+    assert runs[32][0]["macs"] > 3.9 * runs[16][0]["macs"]  # convolutions: 4x the pixels
     assert runs[32][0]["image_size"] == 32 and "image_size" not in runs[16][0]
 
 

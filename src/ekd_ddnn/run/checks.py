@@ -29,7 +29,7 @@ def _describe(hint: Any) -> str:
     if hint is int:
         return "an integer"
     if hint is float:
-        return "a finite number"
+        return "a number"
     if hint is str:
         return "a string"
     if origin in (typing.Union, types.UnionType):
