@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 from pathlib import Path
 
-# The Hydra configs live at the repository root (the package is installed editable).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# The Hydra configs ship inside the package (a wheel carries them).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _run_dir(resume: str | None, new_dir: str) -> str:

@@ -117,7 +117,12 @@ def main(cfg: DictConfig) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
 
 
-if __name__ == "__main__":
-    # a bare path is the directory: `aggregate logs/train/multiruns/...`
+def cli() -> None:
+    """``ekd-aggregate`` / ``python -m ekd_ddnn.aggregate``; a bare path is the directory:
+    ``ekd-aggregate logs/train/multiruns/...``."""
     sys.argv[1:] = [a if "=" in a or a.startswith("-") else f"dir={a}" for a in sys.argv[1:]]
     run_app(main, "aggregate")
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from ekd_ddnn.errors import find_user_error
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
+class InterruptCheckpoint(Callback):
     """Save the exact training state when training stops on SIGTERM or an error.
 
-    Lightning's ``OnExceptionCheckpoint``, except where there is nothing to save: before the
-    first optimizer step, or when the user's input was wrong (a missing dataset found while
-    fitting starts), no checkpoint is written, so the run directory stays free of output.
+    What Lightning's ``OnExceptionCheckpoint`` does, except where there is nothing to save:
+    before the first optimizer step, or when the user's input was wrong (a missing dataset
+    found while fitting starts, a diverged loss), no checkpoint is written. Not a subclass of
+    it: with one of those present, Lightning silently turns ``fit(ckpt_path=None)`` into
+    ``ckpt_path="last"`` (resuming whatever checkpoint it finds, with two warnings), and
+    deletes the saved file when a later run ends.
     """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        self.dirpath = dirpath
+        self.filename = filename
+
+    @property
+    def ckpt_path(self) -> str:
+        """Where the checkpoint is written."""
+        return os.path.join(self.dirpath, f"{self.filename}.ckpt")
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if trainer.global_step == 0 or find_user_error(exception) is not None:
             return
-        super().on_exception(trainer, pl_module, exception)
+        trainer.save_checkpoint(self.ckpt_path)

@@ -137,5 +137,10 @@ def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``ekd-evaluate`` / ``python -m ekd_ddnn.evaluate``."""
     run_app(main, "evaluate")
+
+
+if __name__ == "__main__":
+    cli()

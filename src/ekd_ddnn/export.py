@@ -141,5 +141,10 @@ def main(cfg: DictConfig) -> None:
     )
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``ekd-export`` / ``python -m ekd_ddnn.export``."""
     run_app(main, "export")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,7 +1,7 @@
 """``python -m ekd_ddnn.study study=<name>``: Table 1's columns over seeds, in one table.
 
 For one pairing (a full-net and its sub-nets) a study trains, for every seed, the columns of
-``conf/study/<name>.yaml``; the paper's are ``individual`` (each depth alone, one job per
+``ekd_ddnn/conf/study/<name>.yaml``; the paper's are ``individual`` (each depth alone, one job per
 depth), ``ddnn`` (cross-entropy only), ``ekd`` and ``ekd_no_ensemble`` (Fig. 3's ablation).
 Each job is an ordinary ``python -m ekd_ddnn.train`` run in ``<study dir>/<job>/seed<k>/``;
 then ``study.json`` / ``study.csv`` / ``study.md`` hold the mean +- std top-1 error per depth
@@ -317,5 +317,10 @@ def main(cfg: DictConfig) -> None:
     study(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``ekd-study`` / ``python -m ekd_ddnn.study``."""
     run_app(main, "study")
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,5 +22,10 @@ def main(cfg: DictConfig) -> None:
     print(format_table(depth_rows(net)))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``ekd-summary`` / ``python -m ekd_ddnn.summary``."""
     run_app(main, "summary")
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -124,6 +125,11 @@ def check_monitors(callbacks: list[Any], module: EKDModule) -> None:
 
 def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
     """Instantiate the Trainer; a setting the machine cannot satisfy is a user error."""
+    trainer_cfg = trainer_cfg.copy()
+    with open_dict(trainer_cfg):
+        precision = trainer_cfg.pop("float32_matmul_precision", None)
+    if precision is not None:  # TF32 on Ampere and later GPUs (`high`); no effect on a CPU
+        torch.set_float32_matmul_precision(precision)
     try:
         return instantiate(trainer_cfg, plugins=[SafeCheckpointIO()], **kwargs)
     except Exception as exc:
@@ -194,5 +200,10 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(key) if key else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``ekd-train`` / ``python -m ekd_ddnn.train``."""
     run_app(main, "train")
+
+
+if __name__ == "__main__":
+    cli()

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,11 +50,28 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def route_logs_to_run_log() -> None:
+# Lines of Lightning's that tell our users nothing, by (logger, message start); everything
+# else is shown. `verbose=true` shows these too.
+QUIET_LOGS = (("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),)
+# Warnings by (message regex, module regex), the same narrow way
+QUIET_WARNINGS = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities"),
+)
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(
+            record.name.startswith(name) and message.startswith(start) for name, start in QUIET_LOGS
+        )
+
+
+def route_logs_to_run_log(verbose: bool = False) -> None:
     """Send Lightning's messages and Python warnings through the root logger, which Hydra
-    writes to the console and to the run's log file. Lightning gives its loggers a console
-    handler of their own when imported before logging is configured (so nothing of theirs
-    reached the file); that handler is removed."""
+    writes to the console and to the run's log file; drop the known noise unless
+    ``verbose``. Lightning gives its loggers a console handler of their own when imported
+    before logging is configured (so nothing of theirs reached the file); it is removed."""
     names = [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]
     for name in names:
         logger = logging.getLogger(name)
@@ -62,6 +80,13 @@ def route_logs_to_run_log() -> None:
                 logger.removeHandler(handler)
         logger.propagate = True
     logging.captureWarnings(True)
+    if verbose:
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Quiet) for f in handler.filters):
+            handler.addFilter(_Quiet())
+    for message, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 def report_user_errors(fn: Callable[..., T]) -> Callable[..., T]:
@@ -101,7 +126,7 @@ def command(
         @functools.wraps(fn)
         @report_user_errors
         def wrapper(cfg: DictConfig) -> T:
-            route_logs_to_run_log()
+            route_logs_to_run_log(bool(cfg.get("verbose")))
             if check is not None:
                 check(cfg)
             if not run_dir or _rank() != 0:
@@ -141,14 +166,45 @@ def check_override_syntax(args: list[str]) -> list[Any]:
     return parsed
 
 
-def check_group_choices(args: list[str], config_dir: str | Path = CONFIG_DIR) -> None:
+# Hydra's command-line flags that take a value (the next argument)
+VALUE_FLAGS = ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags with their values, the overrides)."""
+    flags, overrides = [], []
+    take_value = False
+    for arg in args:
+        if take_value or arg.startswith("-"):
+            flags.append(arg)
+            take_value = not take_value and arg in VALUE_FLAGS
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def user_config_dirs(flags: list[str]) -> list[Path]:
+    """Folders of the user's own configs (``--config-dir`` / ``-cd``), searched before ours."""
+    dirs = []
+    for i, flag in enumerate(flags):
+        if flag in ("-cd", "--config-dir") and i + 1 < len(flags):
+            dirs.append(Path(flags[i + 1]).resolve())
+        elif flag.startswith("--config-dir="):
+            dirs.append(Path(flag.partition("=")[2]).resolve())
+    return dirs
+
+
+def check_group_choices(args: list[str], config_dirs: list[Path] | None = None) -> None:
     """Reject ``group=option`` overrides naming no config file, naming the valid options."""
+    dirs = [Path(CONFIG_DIR), *(config_dirs or [])]
     for arg in args:
         key, sep, value = arg.lstrip("+").partition("=")
-        group = Path(config_dir) / key
-        if not sep or key.startswith("hydra") or not group.is_dir():
+        groups = [d / key for d in dirs if (d / key).is_dir()]
+        if not sep or key.startswith("hydra") or not groups:
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml") if not p.stem.startswith("_"))
+        options = sorted(
+            {p.stem for g in groups for p in g.glob("*.yaml") if not p.stem.startswith("_")}
+        )
         for choice in value.split(","):  # multirun: a,b,c
             if choice and choice != "null" and choice not in options:
                 raise UserError(f"unknown {key} {choice!r}; choose one of: {', '.join(options)}")
@@ -275,10 +331,18 @@ def with_recorded_overrides(run_dir: Path, args: list[str]) -> list[str]:
 
 def preflight(config_name: str, args: list[str]) -> list[str]:
     """Every check that needs no Hydra job; returns the arguments to run Hydra with."""
-    parsed = check_override_syntax(args)
-    check_group_choices(args)
-    multirun = any(a in ("-m", "--multirun") for a in args)
-    resume = None if multirun else _resume_dir(config_name, args)
+    flags, args = split_args(args)
+    dirs = user_config_dirs(flags)
+    check_override_syntax(args)
+    check_group_choices(args, dirs)
+    # composed here as Hydra will compose it: --config-dir adds to the search path
+    search = (
+        [f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]"]
+        if dirs and not any(a.startswith("hydra.searchpath=") for a in args)
+        else []
+    )
+    multirun = any(a in ("-m", "--multirun") for a in flags)
+    resume = None if multirun else _resume_dir(config_name, [*args, *search])
     if resume is not None:
         if not (resume / "checkpoints" / "last.ckpt").is_file():
             raise UserError(
@@ -289,13 +353,12 @@ def preflight(config_name: str, args: list[str]) -> list[str]:
                 "start a new run without resume="
             )
         args = with_recorded_overrides(resume, args)
-        parsed = check_override_syntax(args)
-    cfg = check_composes(config_name, parsed)
+    cfg = check_composes(config_name, check_override_syntax([*args, *search]))
     multirun = multirun or cfg.hydra.mode == "MULTIRUN"
     with _hydra_runtime(cfg):
         run_dir = Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir)
     check_writable_dir(run_dir, "run directory")
-    return args
+    return [*flags, *args]
 
 
 def run_app(main: Callable[[], object], config_name: str) -> None:
