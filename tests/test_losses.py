@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.losses import EKDLoss, attention_map, attention_mse, distill_kl
+from ekd_ddnn.models import build_net
 
 
 def test_attention_map_by_hand():
@@ -152,6 +153,7 @@ def test_k0_ekd_equals_cross_entropy():
         ({"temperature": 0.0}, "ekd.temperature must be > 0, got 0.0"),
         ({"w": "high"}, "ekd.w must be a number, got 'high'"),
         ({"mode": "kd"}, "unknown ekd.mode 'kd'; choose one of individual, ddnn, ekd"),
+        ({"attention_stages": "x"}, "ekd.attention_stages must be all or differing, got 'x'"),
     ],
 )
 def test_invalid_settings(kwargs, message):
@@ -159,3 +161,127 @@ def test_invalid_settings(kwargs, message):
     with pytest.raises(UserError) as info:
         EKDLoss(**kwargs)
     assert message in str(info.value)
+
+
+# ----------------------------------------------------------------- plain-formula reference
+def _plain_maps(features):
+    """Channel sum, flattened, divided by its L2 norm per sample (no library helper)."""
+    maps = []
+    for f in features:
+        summed = f.sum(dim=1).reshape(f.shape[0], -1)
+        maps.append(summed / summed.pow(2).sum(dim=1, keepdim=True).sqrt())
+    return maps
+
+
+def _plain_mse(u, v):
+    return ((u - v) ** 2).mean()
+
+
+def _plain_terms(logits, feats, y, temperature):
+    """CE, KL, per-stage MSE of every net, from plain formulas (K sub-nets, ensemble on)."""
+    rows = torch.arange(len(y))
+    ce = [-torch.log_softmax(lg, dim=1)[rows, y].mean() for lg in logits]
+    probs = [torch.log_softmax(lg / temperature, dim=1).exp() for lg in logits]
+
+    def kl(p, q):  # T^2 * batch mean of sum_c p log(p / q)
+        return temperature**2 * (p * torch.log(p / q)).sum(dim=1).mean()
+
+    p_et = sum(probs) / len(probs)
+    kls = [kl(p_et, probs[0])] + [kl(probs[0], q) for q in probs[1:]]
+    maps = [_plain_maps(f) for f in feats]
+    a_et = [sum(m[s] for m in maps) / len(maps) for s in range(len(feats[0]))]
+    stage_mse = [[_plain_mse(m0, e) for m0, e in zip(maps[0], a_et, strict=True)]] + [
+        [_plain_mse(mk, m0) for mk, m0 in zip(m, maps[0], strict=True)] for m in maps[1:]
+    ]
+    return ce, kls, stage_mse
+
+
+def _float64_outputs(seed=0, shapes=((3, 4, 4), (5, 2, 2)), batch=3, classes=4, k=2):
+    gen = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(batch, classes, generator=gen, dtype=torch.float64) for _ in range(k + 1)]
+    feats = [
+        [torch.randn(batch, *shape, generator=gen, dtype=torch.float64) for shape in shapes]
+        for _ in range(k + 1)
+    ]
+    return logits, feats, torch.randint(classes, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_every_term_against_plain_formulas(temperature):
+    """K = 2, ensemble on, two stages of different shapes, float64: CE, KL_t, KL_k, MSE_t,
+    MSE_k and the total against log_softmax / sum p log(p/q) / channel-sum maps."""
+    logits, feats, y = _float64_outputs()
+    w, a = 0.7, 30.0
+    terms = EKDLoss(w=w, a=a, temperature=temperature)(logits, feats, y)
+    ce, kls, stage_mse = _plain_terms(logits, feats, y, temperature)
+    mses = [sum(m) / len(m) for m in stage_mse]
+    total = ce[0] + (ce[1] + ce[2]) / 2 + w / 3 * sum(kls) + a / 3 * sum(mses)
+    for name, got, want in zip(
+        ["ce"] * 3 + ["kl"] * 3 + ["mse"] * 3,
+        terms.ce + terms.kl + terms.mse,
+        ce + kls + mses,
+        strict=True,
+    ):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=name)
+    torch.testing.assert_close(terms.total, total, rtol=1e-12, atol=1e-14)
+    assert all(k > 0 for k in kls) and all(m > 0 for m in mses)
+
+
+# ----------------------------------------------------------------- ekd.attention_stages
+def test_differing_equals_all_when_every_stage_differs():
+    """No stage output shared: both settings give the same terms and total."""
+    logits, feats, y = _float64_outputs()
+    every = EKDLoss(attention_stages="all")(logits, feats, y)
+    differing = EKDLoss(attention_stages="differing")(logits, feats, y)
+    for got, want in zip(differing.mse + [differing.total], every.mse + [every.total], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_differing_averages_over_differing_stages_only():
+    """Three stages; stage 1 is the full-net's tensor for both sub-nets, stage 2 for sub-net
+    1 only. ``differing``: MSE_1 over stage 3, MSE_2 over stages 2-3, MSE_t over stages 2-3
+    (where some sub-net differs). ``all``: the paper's mean over the three stages, with the
+    shared stages' identically zero MSE counted."""
+    logits, feats, y = _float64_outputs(shapes=((3, 4, 4), (4, 2, 2), (2, 2, 2)))
+    feats[1][0] = feats[2][0] = feats[0][0]
+    feats[1][1] = feats[0][1]
+    w, a = 0.5, 20.0
+    _, kls, m = _plain_terms(logits, feats, y, 1.0)
+    assert m[1][0] == m[2][0] == m[1][1] == 0  # a sub-net's shared stage: exactly zero
+    assert m[0][0] < 1e-30  # A_et of three equal maps: zero up to rounding
+    ce_part = EKDLoss(mode="ddnn")(logits, feats, y).total
+    for setting, expected in [
+        ("differing", [(m[0][1] + m[0][2]) / 2, m[1][2], (m[2][1] + m[2][2]) / 2]),
+        ("all", [sum(m[0]) / 3, m[1][2] / 3, (m[2][1] + m[2][2]) / 3]),
+    ]:
+        terms = EKDLoss(w=w, a=a, attention_stages=setting)(logits, feats, y)
+        for k, want in enumerate(expected):
+            torch.testing.assert_close(terms.mse[k], want, rtol=1e-12, atol=1e-14, msg=setting)
+        total = ce_part + w / 3 * sum(kls) + a / 3 * sum(expected)
+        torch.testing.assert_close(terms.total, total, rtol=1e-12, atol=1e-14, msg=setting)
+
+
+def test_differing_term_is_zero_without_differing_stage():
+    """A sub-net whose every stage output is the full-net's: MSE_k = MSE_t = 0."""
+    logits, feats, y = _float64_outputs(k=1)
+    feats[1] = list(feats[0])
+    terms = EKDLoss(attention_stages="differing")(logits, feats, y)
+    assert terms.mse[0].item() == 0 and terms.mse[1].item() == 0
+
+
+def test_differing_on_a_real_prefix_tree():
+    """ResNet-20 with [3,3,2]: the forward returns the full-net's own stage 1-2 tensors for
+    the sub-net, so ``differing`` averages over stage 3 alone, three times ``all``'s MSE_1."""
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[3, 3, 2]], image_size=8).double()
+    outputs = net.forward_depths(torch.randn(2, 3, 8, 8, dtype=torch.float64), net.depths)
+    (_, full), (_, sub) = outputs
+    assert [f is g for f, g in zip(sub, full, strict=True)] == [True, True, False]
+    logits, feats, y = [o[0] for o in outputs], [o[1] for o in outputs], torch.tensor([0, 1])
+    every = EKDLoss(attention_stages="all")(logits, feats, y)
+    differing = EKDLoss(attention_stages="differing")(logits, feats, y)
+    _, _, m = _plain_terms(logits, feats, y, 1.0)
+    torch.testing.assert_close(differing.mse[1], m[1][2], rtol=1e-12, atol=0)
+    torch.testing.assert_close(every.mse[1], differing.mse[1] / 3, rtol=1e-12, atol=0)
+    torch.testing.assert_close(differing.mse[0], m[0][2], rtol=1e-12, atol=0)

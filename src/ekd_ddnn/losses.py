@@ -9,6 +9,11 @@ Zhao et al., arXiv 2103.00793, Eq. (1)-(7), with the full-net ``t`` and ``K`` su
 ``p = softmax(logits / T)``; KL terms are scaled by ``T^2`` (Hinton et al.). ``p_et`` and
 ``A_et`` average the full-net and all sub-nets (the "ensemble teacher"). Every teacher-side
 quantity is detached, so distillation moves only the student side of each term.
+
+A stage whose output is the very tensor of the full-net's (a sub-net that keeps a stage's
+full block count after a shared input) adds an identically zero MSE; ``attention_stages``
+chooses whether such stages still count in the mean over stages (``all``, the paper's
+formula) or are left out (``differing``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from torch import Tensor
 from ekd_ddnn.errors import UserError
 
 MODES = ("individual", "ddnn", "ekd")
+SAMPLINGS = ("fixed", "lattice")
+ATTENTION_STAGES = ("all", "differing")
 
 
 def attention_map(feature: Tensor) -> Tensor:
@@ -44,6 +51,15 @@ def attention_mse(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]
     """Mean over stages of the element-wise MSE between normalised attention maps."""
     losses = [F.mse_loss(s, t) for s, t in zip(student_maps, teacher_maps, strict=True)]
     return torch.stack(losses).mean()
+
+
+def _stage_mse(
+    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], stages: Sequence[int]
+) -> Tensor:
+    """:func:`attention_mse` over ``stages`` only; 0 where ``stages`` is empty."""
+    if not stages:
+        return student_maps[0].new_zeros(())
+    return attention_mse([student_maps[s] for s in stages], [teacher_maps[s] for s in stages])
 
 
 @dataclass
@@ -70,6 +86,14 @@ class EKDLoss:
         a: weight of the attention (MSE) distillation terms; the paper's ``alpha_k``.
         temperature: softmax temperature ``T`` of the KL terms (the paper uses 1).
         ensemble: keep the ensemble-teacher terms ``KL_t`` and ``MSE_t`` (Fig. 3 ablation).
+        attention_stages: the stages each MSE term averages over: ``all`` (the paper) or
+            ``differing``: for ``MSE_k`` only the stages whose output tensor is not the
+            full-net's own (``is``, as the prefix-tree forward returns shared stages), for
+            ``MSE_t`` those where at least one sub-net differs; a term with no such stage is 0.
+        sampling: the depths of each step: ``fixed`` (the full-net and the named sub-nets,
+            the paper) or ``lattice`` (the full-net, the smallest depth and ``num_sampled``
+            more drawn from the depth lattice each step; see ``ekd_ddnn.sampling``).
+        num_sampled: the depths drawn per step with ``lattice`` sampling.
     """
 
     mode: str = "ekd"
@@ -77,10 +101,27 @@ class EKDLoss:
     a: float = 100.0
     temperature: float = 1.0
     ensemble: bool = True
+    attention_stages: str = "all"
+    sampling: str = "fixed"
+    num_sampled: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown ekd.mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.attention_stages not in ATTENTION_STAGES:
+            raise UserError(
+                f"ekd.attention_stages must be all or differing, got {self.attention_stages!r}"
+            )
+        if self.sampling not in SAMPLINGS:
+            raise UserError(f"ekd.sampling must be fixed or lattice, got {self.sampling!r}")
+        if self.sampling == "lattice" and self.mode == "individual":
+            raise UserError(
+                "ekd=individual trains one depth; ekd.sampling=lattice needs ekd=ekd or ekd=ddnn"
+            )
+        if isinstance(self.num_sampled, bool) or not isinstance(self.num_sampled, int):
+            raise UserError(f"ekd.num_sampled must be an integer, got {self.num_sampled!r}")
+        if self.num_sampled < 0:
+            raise UserError(f"ekd.num_sampled must be >= 0, got {self.num_sampled}")
         for key in ("w", "a", "temperature"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -122,15 +163,25 @@ class EKDLoss:
         maps = [[attention_map(f) for f in stage_features] for stage_features in features]
         teacher_probs = probs[0].detach()
         teacher_maps = [m.detach() for m in maps[0]]
+        stages = self._mse_stages(features)
         for k in range(1, len(logits)):
             kl[k] = distill_kl(teacher_probs, logits[k], self.temperature)
-            mse[k] = attention_mse(maps[k], teacher_maps)
+            mse[k] = _stage_mse(maps[k], teacher_maps, stages[k])
         if self.ensemble:
             ensemble_probs = torch.stack(probs).mean(dim=0).detach()
             ensemble_maps = [torch.stack(m).mean(dim=0).detach() for m in zip(*maps, strict=True)]
             kl[0] = distill_kl(ensemble_probs, logits[0], self.temperature)
-            mse[0] = attention_mse(maps[0], ensemble_maps)
+            mse[0] = _stage_mse(maps[0], ensemble_maps, stages[0])
         scale = 1.0 / (num_subnets + 1)
         total = total + self.w * scale * sum(t for t in kl if t is not None)
         total = total + self.a * scale * sum(t for t in mse if t is not None)
         return EKDTerms(total, ce, kl, mse)
+
+    def _mse_stages(self, features: Sequence[Sequence[Tensor]]) -> list[list[int]]:
+        """The stage indices each MSE term averages over; index 0 is ``MSE_t``."""
+        every = list(range(len(features[0])))
+        if self.attention_stages == "all":
+            return [every] * len(features)
+        own = [[s for s in every if f[s] is not features[0][s]] for f in features]
+        own[0] = [s for s in every if any(s in stages for stages in own[1:])]
+        return own

@@ -22,6 +22,7 @@ from ekd_ddnn.errors import DivergedError
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.optim import param_groups
+from ekd_ddnn.sampling import check_num_sampled, sample_depths
 
 SPLITS = ("val", "test")
 
@@ -47,6 +48,8 @@ class EKDModule(L.LightningModule):
         scheduler: a partial taking ``(optimizer, total_steps=, steps_per_epoch=)``, or None.
         no_weight_decay_bn_bias: exempt BatchNorm and bias parameters from weight decay.
         config: the resolved run configuration, stored in checkpoints for reference.
+        seed: the run's seed; with ``loss.sampling="lattice"`` the depths of step ``s`` are
+            drawn from ``(seed, s)`` (:func:`~ekd_ddnn.sampling.sample_depths`).
 
     Metric keys: ``train/loss``, ``train/{ce,kl,mse}/<net>`` (for the full-net ``kl``/``mse``
     are the ensemble terms), ``{val,test}/{top1,top5,top1_err,top5_err}/<net>`` in percent, and
@@ -63,6 +66,7 @@ class EKDModule(L.LightningModule):
         *,
         no_weight_decay_bn_bias: bool = False,
         config: dict | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -72,6 +76,10 @@ class EKDModule(L.LightningModule):
         self.no_weight_decay_bn_bias = no_weight_decay_bn_bias
         self.depths = [net.full_depth] if loss.mode == "individual" else net.depths
         self.names = [net.name_of(depth) for depth in self.depths]
+        self.seed = seed
+        self.lattice = net.lattice() if loss.sampling == "lattice" else None
+        if self.lattice is not None:
+            check_num_sampled(self.lattice, loss.num_sampled)
         self.save_hyperparameters(
             {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
         )
@@ -89,7 +97,16 @@ class EKDModule(L.LightningModule):
     def metric_keys(self) -> set[str]:
         """Every key this module logs (what a checkpoint or early-stopping monitor may name)."""
         keys = {"train/loss"}
-        for name in self.names:
+        trained = (
+            self.names
+            if self.lattice is None
+            else [
+                self.net.name_of(self.lattice[0]),
+                self.net.name_of(self.lattice[-1]),
+                "sampled_mean",
+            ]
+        )
+        for name in trained:
             keys |= {f"train/{term}/{name}" for term in ("ce", "kl", "mse")}
         for split in SPLITS:
             for name in self.names:
@@ -116,9 +133,21 @@ class EKDModule(L.LightningModule):
         """Logits of every trained depth, full-net first."""
         return [logits for logits, _ in self.net.forward_depths(x, self.depths)]
 
+    def step_depths(self) -> tuple[list[tuple[int, ...]], list[str]]:
+        """The depths this training step trains, full-net first, and the names their terms
+        are logged under (lattice sampling: the full-net, the smallest, then ``sampled``)."""
+        if self.lattice is None:
+            return self.depths, self.names
+        depths = sample_depths(
+            self.lattice, self.loss.num_sampled, seed=self.seed, step=self.global_step
+        )
+        names = [self.net.name_of(d) for d in depths[:2]]
+        return depths, names + ["sampled"] * (len(depths) - 2)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        outputs = self.net.forward_depths(x, self.depths)
+        depths, names = self.step_depths()
+        outputs = self.net.forward_depths(x, depths)
         terms = self.loss([o[0] for o in outputs], [o[1] for o in outputs], y)
         self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
         unseen = (self.first_nonfinite_step < 0) & ~torch.isfinite(terms.total.detach())
@@ -132,13 +161,17 @@ class EKDModule(L.LightningModule):
         if not trainer.fast_dev_run and (self.global_step + 1) % trainer.log_every_n_steps:
             return terms.total
         self.check_finite()
-        logs = {"train/loss": terms.total}
-        for name, ce, kl, mse in zip(self.names, terms.ce, terms.kl, terms.mse, strict=True):
-            logs[f"train/ce/{name}"] = ce
-            if kl is not None:
-                logs[f"train/kl/{name}"] = kl
-            if mse is not None:
-                logs[f"train/mse/{name}"] = mse
+        logs: dict[str, Tensor] = {"train/loss": terms.total}
+        sampled: dict[str, list[Tensor]] = {}
+        for name, *values in zip(names, terms.ce, terms.kl, terms.mse, strict=True):
+            for term, value in zip(("ce", "kl", "mse"), values, strict=True):
+                if value is None:
+                    continue
+                if name == "sampled":  # a different depth every step: their mean
+                    sampled.setdefault(f"train/{term}/sampled_mean", []).append(value)
+                else:
+                    logs[f"train/{term}/{name}"] = value
+        logs.update({key: torch.stack(v).mean() for key, v in sampled.items()})
         self.log_dict(logs, batch_size=len(y))
         return terms.total
 

@@ -61,6 +61,7 @@ def build_module(cfg: DictConfig) -> EKDModule:
         scheduler=scheduler,
         no_weight_decay_bn_bias=cfg.no_weight_decay_bn_bias,
         config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
     )
 
 

@@ -9,6 +9,7 @@ Neural Network", arXiv 2103.00793, Sec. 3.1).
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from collections.abc import Callable, Sequence
 
@@ -89,15 +90,22 @@ class DepthDynamicNet(nn.Module):
                         bn.register_buffer(_stat_key(key, i), bn._buffers[key].clone())
 
     @torch.no_grad()
-    def recalibrate_bn_stats(self, batches: Sequence[Tensor]) -> None:
-        """Re-estimate every depth's BatchNorm running statistics from ``batches``.
+    def recalibrate_bn_stats(
+        self, batches: Sequence[Tensor], depths: Sequence[Sequence[int]] | None = None
+    ) -> None:
+        """Re-estimate the BatchNorm running statistics of ``depths`` (default: every depth
+        of :attr:`depths`) from ``batches``.
 
         Each depth's statistics are reset and set to the exact average over the batches of
-        that depth alone in train mode (as Once-for-All does for every sub-net it deploys);
-        shared statistics become private ones first. Weights are not touched.
+        that depth in train mode (as Once-for-All does for every sub-net it deploys); shared
+        statistics become private ones first. The depths run together through the prefix
+        tree, so a block shared by several depths runs once per batch: its statistics depend
+        only on its input, the same for all of them. Weights are not touched.
         """
         if not self.private_bn_stats:
             self.use_private_bn_stats()
+        chosen = self.depths if depths is None else [self.check_depth(d) for d in depths]
+        ids = [self.depths.index(d) for d in chosen]
         layers = [
             m
             for m in self.modules()
@@ -109,13 +117,12 @@ class DepthDynamicNet(nn.Module):
             self.train()
             for bn in layers:
                 bn.momentum = None  # cumulative average over the batches seen
-            for i, depth in enumerate(self.depths):
-                for bn in layers:
+                for i in ids:
                     bn._buffers[_stat_key("running_mean", i)].zero_()
                     bn._buffers[_stat_key("running_var", i)].fill_(1)
                     bn._buffers[_stat_key("num_batches_tracked", i)].zero_()
-                for x in batches:
-                    self(x, depth)
+            for x in batches:
+                self.forward_depths(x, chosen)
         finally:
             for bn, momentum in zip(layers, momenta, strict=True):
                 bn.momentum = momentum
@@ -136,6 +143,47 @@ class DepthDynamicNet(nn.Module):
     def depths(self) -> list[Depth]:
         """Every depth this net trains and evaluates, full-net first."""
         return [self.full_depth, *self.subnets]
+
+    @property
+    def smallest_depth(self) -> Depth:
+        """The shallowest depth of the lattice: ``model.min_blocks`` blocks in every stage."""
+        return tuple(min(self.config.get("min_blocks", 1), n) for n in self.full_depth)
+
+    def lattice(self) -> list[Depth]:
+        """Every depth from :attr:`smallest_depth` to the full depth, full-net first: the
+        per-stage block counts ``min_blocks..N_i`` of every stage (27 for ResNet-20)."""
+        ranges = [
+            range(lo, n + 1) for lo, n in zip(self.smallest_depth, self.full_depth, strict=True)
+        ]
+        return sorted(itertools.product(*ranges), reverse=True)
+
+    def with_depths(self, depths: Sequence[Sequence[int]]) -> DepthDynamicNet:
+        """A copy of this net that trains and evaluates the full-net and ``depths``.
+
+        With private BatchNorm statistics each depth keeps its own where this net has them;
+        a depth new to the net starts from the full-net's (re-estimate them:
+        :meth:`recalibrate_bn_stats`). Shared statistics stay shared.
+        """
+        new = []
+        for depth in depths:
+            depth = self.check_depth(depth)
+            if depth != self.full_depth and depth not in new:
+                new.append(depth)
+        clone = copy.deepcopy(self)
+        clone.subnets = new
+        clone.config["subnets"] = [list(d) for d in new]
+        if not self.private_bn_stats:
+            return clone
+        sources = [self.depths.index(d) if d in self.depths else 0 for d in clone.depths]
+        for bn, original in zip(_bn_layers(clone), _bn_layers(self), strict=True):
+            for key in [k for k in bn._buffers if _PRIVATE_KEY.search(k)]:
+                del bn._buffers[key]
+            for i, source in enumerate(sources[1:], start=1):
+                for key in BN_STATS:
+                    bn.register_buffer(
+                        _stat_key(key, i), original._buffers[_stat_key(key, source)].clone()
+                    )
+        return clone
 
     @property
     def names(self) -> list[str]:
@@ -205,7 +253,7 @@ class DepthDynamicNet(nn.Module):
         depths = [self.check_depth(d) for d in depths]
         if self.private_bn_stats:
             missing = [list(d) for d in depths if d not in self.depths]
-            if missing:
+            if missing and not self.training:
                 raise InvalidDepthError(
                     f"depth {missing[0]} has no BatchNorm statistics of its own in this net "
                     f"(private BN statistics); run one of {[list(d) for d in self.depths]}"
@@ -215,7 +263,11 @@ class DepthDynamicNet(nn.Module):
         if self.config.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         group = list(range(len(depths)))
-        stats = [self.depths.index(d) for d in depths] if self.private_bn_stats else None
+        stats = None
+        if self.private_bn_stats:  # depths of the lattice beyond ours: scratch copies
+            stats = [self.depths.index(d) if d in self.depths else -1 for d in depths]
+            scratch = iter(self._scratch_stats(stats.count(-1)))
+            stats = [next(scratch) if i == -1 else i for i in stats]
         x = self._run_module(self.stem, x, group, stats)
         self._run_group(x, group, 0, 0, depths, stats, features, logits)
         return [(lg, f) for lg, f in zip(logits, features, strict=True)]  # type: ignore[misc]
@@ -232,6 +284,7 @@ class DepthDynamicNet(nn.Module):
         if stats is None:
             return module(x)
         ids = [stats[i] for i in group]
+        ids.sort(key=lambda i: i >= len(self.depths))  # ours lead: scratch never spreads
         layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [{k: bn._buffers[k] for k in BN_STATS} for bn in layers]
         for bn in layers:
@@ -247,6 +300,21 @@ class DepthDynamicNet(nn.Module):
             for bn, buffers in zip(layers, saved, strict=True):
                 bn._buffers.update(buffers)
         return out
+
+    def _scratch_stats(self, count: int) -> list[int]:
+        """Ids of ``count`` sets of BatchNorm statistics for training steps of depths beyond
+        :attr:`depths` (lattice sampling with private statistics): updated, never saved,
+        never evaluated. One per depth: a buffer updated in place by two runs of a layer in
+        one step would break the backward pass, which saves it."""
+        ids = list(range(len(self.depths), len(self.depths) + count))
+        for bn in _bn_layers(self):
+            for i in ids:
+                if _stat_key("running_mean", i) not in bn._buffers:
+                    for key in BN_STATS:
+                        bn.register_buffer(
+                            _stat_key(key, i), bn._buffers[key].clone(), persistent=False
+                        )
+        return ids
 
     def _run_group(
         self,
@@ -352,6 +420,15 @@ def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
         module(x)
     module.train(was_training)
     return counter.get_total_flops() // 2
+
+
+def _bn_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``module`` that keep running statistics."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 def _stat_key(key: str, depth_id: int) -> str:

@@ -68,6 +68,7 @@ def build_net(
     bn_stats: str = "shared",
     channels_last: bool = False,
     compile: bool = False,
+    min_blocks: int = 1,
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
 
@@ -80,6 +81,8 @@ def build_net(
     with mixed precision on tensor-core GPUs); results equal the default layout's up to
     float rounding.
     ``compile``: ``torch.compile`` the multi-depth forward (:meth:`DepthDynamicNet.compile_depths`).
+    ``min_blocks``: the fewest blocks a stage keeps in the depth lattice
+    (:meth:`DepthDynamicNet.lattice`).
     """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(list_archs())}")
@@ -90,6 +93,11 @@ def build_net(
             f"{arch} needs {len(spec.blocks)} stages of at least 1 block each, got {list(blocks)}"
         )
     blocks = tuple(int(n) for n in blocks)
+    if not 1 <= min_blocks <= min(blocks):
+        raise InvalidDepthError(
+            f"model.min_blocks must be between 1 and the smallest stage's count {min(blocks)}, "
+            f"got {min_blocks}"
+        )
     num_classes = spec.num_classes if num_classes is None else num_classes
     if bn_stats not in ("shared", "private"):
         raise UserError(f"model.bn_stats must be 'shared' or 'private', got {bn_stats!r}")
@@ -105,6 +113,7 @@ def build_net(
         "bn_stats": bn_stats,
         "channels_last": bool(channels_last),
         "compile": bool(compile),
+        "min_blocks": int(min_blocks),
     }
     kwargs = dict(spec.kwargs)
     if weights_path:
