@@ -4,6 +4,8 @@ prefix tree against separate runs, names, and invalid depths."""
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -88,23 +90,45 @@ def test_resnet18_extracted_from_resnet34_loads_into_torchvision():
         assert torch.equal(net(x, [2, 2, 2, 2])[0], ref(x))
 
 
+def _built_alone(net: nn.Module, arch: str, depth: Sequence[int], **kwargs) -> nn.Module:
+    """``depth`` built on its own by ``build_net(arch, blocks=depth)``, its weights copied by
+    name from ``net``'s state dict (a block ``stages.i.j`` exists in both where kept; private
+    BatchNorm copies ``*_d<i>`` are left out)."""
+    alone = build_net(arch, blocks=list(depth), **kwargs)
+    full = {k: v for k, v in net.state_dict().items() if not re.search(r"_d\d+$", k)}
+    own = alone.state_dict()
+    dropped = [
+        k
+        for k in full
+        if k.startswith("stages.") and int(k.split(".")[2]) >= depth[int(k.split(".")[1])]
+    ]
+    assert sorted(own) == sorted(k for k in full if k not in dropped)
+    alone.load_state_dict({k: full[k] for k in own}, strict=True)
+    return alone
+
+
 @pytest.mark.parametrize(("arch", "subnets", "size"), FAMILIES)
 def test_extracted_net_equals_ddnn_depth(arch, subnets, size):
-    """Every depth extracted holds only its blocks and reproduces the DDNN's logits."""
+    """Every depth, built alone by ``build_net(arch, blocks=depth)`` with the kept blocks'
+    weights copied by name, gives the DDNN's logits at that depth; ``extract`` holds only
+    those blocks and gives the same logits."""
     torch.manual_seed(0)
-    net = build_net(arch, subnets=subnets).eval()
+    net = build_net(arch, subnets=subnets, num_classes=7).eval()
     x = torch.randn(2, 3, size, size)
     for depth in net.depths:
+        alone = _built_alone(net, arch, depth, num_classes=7).eval()
+        assert alone.full_depth == depth and alone.subnets == []
         standalone = net.extract(depth).eval()
-        expected_blocks = sum(depth)
         stages = getattr(standalone, "stages", None) or [
             getattr(standalone, f"layer{i}") for i in range(1, 5)
         ]
-        assert sum(len(s) for s in stages) == expected_blocks
+        assert sum(len(s) for s in stages) == sum(depth)
         with torch.no_grad():
+            expected = alone(x)[0]
+            torch.testing.assert_close(net(x, depth)[0], expected, rtol=0, atol=0)
             out = standalone(x)
             out = out[0] if isinstance(out, tuple) else out
-            torch.testing.assert_close(out, net(x, depth)[0], rtol=0, atol=0)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def _separate(net, x, depths):
@@ -178,14 +202,24 @@ def test_stage_features_shapes():
 
 
 def test_private_bn_stats_are_per_depth():
-    """With private statistics each depth's running mean follows its own inputs only."""
+    """With private statistics each depth's running statistics follow its own inputs only:
+    after one train-mode step of both depths, the sub-net's equal those of the same depth
+    built alone and run alone on the batch, and so do its eval-mode logits."""
     torch.manual_seed(0)
     net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], bn_stats="private").train()
+    alone = _built_alone(net, "cifar_resnet20", (1, 1, 1)).train()  # fresh statistics too
     x = torch.randn(8, 3, 16, 16)
     net.forward_depths(x, net.depths)
-    alone = build_net("cifar_resnet20", blocks=[1, 1, 1]).train()
-    alone.load_state_dict(net.extract([1, 1, 1]).state_dict())
+    alone(x)
     state = net.extract([1, 1, 1]).state_dict()
+    assert sorted(state) == sorted(alone.state_dict())
+    for key, value in alone.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+    x_eval = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net.eval()(x_eval, [1, 1, 1])[0], alone.eval()(x_eval)[0], rtol=0, atol=0
+        )
     # stage 2 block 1 sees the output of stage-1 block 1 only in the sub-net
     bn = net.stages[1][0].bn1
     assert not torch.equal(bn.running_mean, bn.running_mean_d1)

@@ -10,11 +10,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.models import build_net, count_macs, count_params
 from ekd_ddnn.train import train
-from tests.conftest import SHARED_CIFAR, run_cli
+from tests.conftest import SHARED_CIFAR, compose_config, run_cli
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("[!_]*.yaml"))
 RESULT_KEYS = {"name", "blocks", "params", "macs", "top1_err", "top5_err", "split"}
@@ -41,6 +42,50 @@ def test_experiments_exist():
         "imagenet_r50_r32",
         "imagenet_r50_r41",
     }
+
+
+# The paper's Table 1 pairings: experiment suffix -> (model.arch, sub-nets, depth names).
+# The paper calls [2,2,2] "ResNet-16"; 6n+2 names it resnet14 here.
+TABLE1 = {
+    "r20_r14": ("cifar_resnet20", [[2, 2, 2]], ["resnet20", "resnet14"]),
+    "r32_r20": ("cifar_resnet32", [[3, 3, 3]], ["resnet32", "resnet20"]),
+    "r44_r32": ("cifar_resnet44", [[5, 5, 5]], ["resnet44", "resnet32"]),
+    "r56_r44": ("cifar_resnet56", [[7, 7, 7]], ["resnet56", "resnet44"]),
+    "r56_r44_r32": ("cifar_resnet56", [[7, 7, 7], [5, 5, 5]], ["resnet56", "resnet44", "resnet32"]),
+    "vgg16_vgg11": ("cifar_vgg16", [[1, 1, 2, 2, 2]], ["vgg16", "vgg11"]),
+    "vgg16_vgg13": ("cifar_vgg16", [[2, 2, 2, 2, 2]], ["vgg16", "vgg13"]),
+}
+ALIASES = {
+    "cifar10_r20": "cifar10_r20_r14",
+    "cifar100_r56": "cifar100_r56_r44_r32",
+    "cifar10_vgg16": "cifar10_vgg16_vgg11",
+}
+
+
+def _without_hydra(cfg) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"}
+
+
+@pytest.mark.parametrize("data", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("pairing", list(TABLE1))
+def test_table1_experiments_compose(pairing, data, tmp_path):
+    """Each of the 14 Table-1 experiments composes with its full-net, sub-nets and data, the
+    CIFAR recipe and EKD; its depths carry the expected names."""
+    cfg = compose_config("train", [f"experiment={data}_{pairing}"], tmp_path)
+    arch, subnets, names = TABLE1[pairing]
+    assert cfg.model.arch == arch and cfg.model.blocks is None
+    assert OmegaConf.to_container(cfg.model.subnets) == subnets
+    assert cfg.data.name == data
+    assert cfg.data.num_classes == {"cifar10": 10, "cifar100": 100}[data]
+    assert (cfg.ekd.mode, cfg.trainer.max_epochs, cfg.data.batch_size) == ("ekd", 200, 128)
+    assert build_net(arch, subnets=subnets).names == names
+
+
+@pytest.mark.parametrize(("alias", "target"), ALIASES.items())
+def test_experiment_aliases_compose_as_their_target(alias, target, tmp_path):
+    """The older experiment names compose to exactly the config of the Table-1 name."""
+    cfg = _without_hydra(compose_config("train", [f"experiment={alias}"], tmp_path))
+    assert cfg == _without_hydra(compose_config("train", [f"experiment={target}"], tmp_path))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -1,7 +1,10 @@
-"""``python -m ekd_ddnn.evaluate ckpt_path=<file>``: every depth of a checkpoint, side by side.
+"""``python -m ekd_ddnn.evaluate ckpt_path=<file> [depths=trained|lattice|[[...]]]``: depths
+of a checkpoint side by side.
 
-Writes ``results.json`` / ``.csv`` / ``.md`` and ``accuracy_vs_macs.png`` to the run directory:
-the paper's Table 1/2 layout (params, MACs, top-1/top-5 error) plus latency and throughput.
+Writes ``results.json`` / ``.csv`` / ``.md`` and ``front.png`` to the run directory: the
+paper's Table 1/2 layout (params, MACs, top-1/top-5 error) plus latency and throughput, whether
+each depth was trained, the images its BatchNorm statistics were re-estimated from, and
+whether it is on the accuracy-cost front.
 """
 
 from __future__ import annotations
@@ -14,29 +17,19 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.calibration import recalibrate_bn
-from ekd_ddnn.checkpoint import (
-    data_config,
-    load_checkpoint,
-    loss_from_checkpoint,
-    net_from_checkpoint,
-)
+from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.module import EKDModule
-from ekd_ddnn.results import (
-    add_errors,
-    depth_rows,
-    format_table,
-    plot_accuracy_vs_macs,
-    write_results,
-)
+from ekd_ddnn.front import checkpoint_depths, choose_depths, default_device, evaluate_depths
+from ekd_ddnn.models import DepthDynamicNet
+from ekd_ddnn.results import format_table, plot_front, read_reference, write_results
 from ekd_ddnn.run.checks import check_integer, check_trainer
 from ekd_ddnn.run.cli import command, run_app
+from ekd_ddnn.run.trainer import build_trainer
 from ekd_ddnn.timing import measure_speed
-from ekd_ddnn.train import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +46,10 @@ def _split(requested: str, has_test: bool) -> str:
     )
 
 
-def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
-    """Evaluate every trained depth of ``cfg.ckpt_path``; return the result rows."""
-    L.seed_everything(cfg.seed, workers=True)
+def load_for_evaluation(cfg: DictConfig) -> tuple[Any, DepthDynamicNet, Any, str]:
+    """(checkpoint, net, data module, split) of ``cfg.ckpt_path``."""
     ckpt = load_checkpoint(cfg.ckpt_path)
     net = net_from_checkpoint(ckpt, cfg.ckpt_path)
-    module = EKDModule(net, loss_from_checkpoint(ckpt))
     datamodule = instantiate(data_config(ckpt, cfg.get("data")))
     split = _split(cfg.split, datamodule.has_test_split)
     for key in ("num_classes", "in_channels"):
@@ -67,43 +58,78 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
                 f"the checkpoint's network has {key}={net.config[key]} but the data has "
                 f"{key}={getattr(datamodule, key)}; evaluate on data of the kind it was trained on"
             )
-    recalibrate_bn(net, datamodule, cfg.recalibrate_bn, seed=cfg.seed)
-    trainer = build_trainer(cfg.trainer, logger=False, enable_checkpointing=False)
-    run = trainer.test if split == "test" else trainer.validate
-    run(module, datamodule=datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    # costs at the size evaluated, which data.image_size may set apart from the trained one
-    size = datamodule.image_size
-    rows = add_errors(depth_rows(net, module.depths, image_size=size), metrics, split)
-    if size != net.config["image_size"]:
-        for row in rows:
-            row["image_size"] = size
+    return ckpt, net, datamodule, split
 
-    if trainer.is_global_zero:
-        if cfg.speed.enabled:
-            device = cfg.speed.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            shape = (net.config["in_channels"], size, size)
-            for row in rows:
-                row.update(
-                    measure_speed(
-                        net.extract(row["blocks"]),
-                        shape,
-                        batch_size=cfg.speed.batch_size,
-                        device=device,
-                        warmup=cfg.speed.warmup,
-                        repeats=cfg.speed.repeats,
-                    )
+
+def evaluate_rows(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
+    """The result rows of the depths ``cfg.depths`` of ``cfg.ckpt_path`` (no timing)."""
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt, net, datamodule, split = load_for_evaluation(cfg)
+    trained, trained_stats = checkpoint_depths(ckpt, net)
+    spec = cfg.depths if isinstance(cfg.depths, str) else OmegaConf.to_container(cfg.depths)
+    depths = choose_depths(net, trained, spec, max_depths=cfg.max_depths, seed=cfg.seed)
+    rows = evaluate_depths(
+        net,
+        depths,
+        datamodule,
+        lambda **kw: build_trainer(cfg.trainer, logger=False, enable_checkpointing=False, **kw),
+        split=split,
+        trained=trained,
+        recalibrate=cfg.recalibrate_bn,
+        per_pass=cfg.depths_per_pass,
+        seed=cfg.seed,
+        trained_stats=trained_stats,
+    )
+    return rows, {"net": net, "datamodule": datamodule, "depths": depths}
+
+
+def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
+    """Evaluate the depths ``cfg.depths`` of ``cfg.ckpt_path``; write and return the rows."""
+    rows, objects = evaluate_rows(cfg)
+    if rank_zero_only.rank != 0:
+        return rows, objects
+    net = objects["net"]
+    if cfg.speed.enabled:
+        device = default_device(cfg.speed.device)
+        size = objects["datamodule"].image_size
+        shape = (net.config["in_channels"], size, size)
+        views = net.shared_stats_copy()  # speed does not depend on BatchNorm statistics
+        for row in rows:
+            row.update(
+                measure_speed(
+                    views.extract(row["blocks"]),
+                    shape,
+                    batch_size=cfg.speed.batch_size,
+                    device=device,
+                    warmup=cfg.speed.warmup,
+                    repeats=cfg.speed.repeats,
                 )
-        out = Path(cfg.paths.output_dir)
-        title = f"{Path(cfg.ckpt_path).name}: every depth on {split}"
-        if cfg.recalibrate_bn:
-            title += f", BatchNorm recalibrated on {cfg.recalibrate_bn} images"
-        write_results(rows, out, title=title)
-        plot_accuracy_vs_macs(rows, out / "accuracy_vs_macs.png", title=title)
-        log.info("%s\nresults: %s", format_table(rows), out / "results.json")
-    return rows, {"module": module, "datamodule": datamodule, "trainer": trainer}
+            )
+    out = Path(cfg.paths.output_dir)
+    split = rows[0]["split"]
+    title = f"{Path(cfg.ckpt_path).name}: {len(rows)} depths on {split}"
+    recalibrated = {row["bn_images"] for row in rows} - {0}
+    if recalibrated:
+        title += f", BatchNorm re-estimated from {max(recalibrated)} images"
+    write_results(rows, out, title=title)
+    reference = read_reference(cfg.reference) if cfg.get("reference") else None
+    plot_front(rows, out / "front.png", title=title, reference=reference)
+    log.info("%s\nresults: %s", format_table(rows), out / "results.json")
+    return rows, objects
+
+
+def check_depth_options(cfg: DictConfig) -> None:
+    """``depths``, ``max_depths``, ``depths_per_pass`` and ``recalibrate_bn`` are usable."""
+    if cfg.recalibrate_bn != "auto":
+        check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    if cfg.max_depths is not None:
+        check_integer(cfg.max_depths, "max_depths", minimum=0)
+    check_integer(cfg.depths_per_pass, "depths_per_pass", minimum=1)
+    if isinstance(cfg.depths, str) and cfg.depths not in ("trained", "lattice"):
+        raise UserError(
+            f"depths must be trained, lattice or a list such as [[3,2,3],[1,1,1]], got "
+            f"{cfg.depths!r}"
+        )
 
 
 def check_evaluate_config(cfg: DictConfig) -> None:
@@ -113,7 +139,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
             "pass the checkpoint to evaluate: ckpt_path=<run dir>/checkpoints/best.ckpt"
         )
     check_integer(cfg.seed, "seed")
-    check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    check_depth_options(cfg)
     check_trainer(cfg.trainer, allow_cpu_oversubscription=cfg.allow_cpu_oversubscription)
     speed = cfg.speed
     if speed.enabled:

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.calibration import recalibrate_bn
 from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
+from ekd_ddnn.front import depth_ready
 from ekd_ddnn.models import DepthDynamicNet, count_params
 from ekd_ddnn.run.checks import check_integer
 from ekd_ddnn.run.cli import command, run_app
@@ -114,7 +114,8 @@ def check_export_config(cfg: DictConfig) -> None:
     for key in ("ckpt_path", "depth", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"pass {key}=...: ckpt_path=<file> depth=<name or [blocks]> out=<path>")
-    check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    if cfg.recalibrate_bn != "auto":
+        check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
     check_out(Path(cfg.out), cfg.format, overwrite=cfg.overwrite)
 
 
@@ -126,14 +127,16 @@ def main(cfg: DictConfig) -> None:
     depth = list(depth) if isinstance(depth, ListConfig) else str(depth)
     ckpt = load_checkpoint(cfg.ckpt_path)
     net = net_from_checkpoint(ckpt, cfg.ckpt_path)
-    if cfg.recalibrate_bn:
-        if net.depth_of(depth) not in net.depths:
-            raise UserError(
-                f"recalibrate_bn needs one of the depths the net trained, "
-                f"{[list(d) for d in net.depths]}; got {depth}"
-            )
-        datamodule = instantiate(data_config(ckpt, cfg.get("data")))
-        recalibrate_bn(net, datamodule, cfg.recalibrate_bn, seed=cfg.seed)
+    blocks = net.depth_of(depth)  # a trained depth's name, or any depth's block counts
+    net, _ = depth_ready(
+        ckpt,
+        net,
+        blocks,
+        cfg.recalibrate_bn,
+        lambda: instantiate(data_config(ckpt, cfg.get("data"))),
+        seed=cfg.seed,
+    )
+    depth = blocks
     info = export_depth(net, depth, cfg.out, fmt=cfg.format, overwrite=cfg.overwrite)
     print(
         f"exported {info['name']} {info['blocks']} ({info['params'] / 1e6:.2f}M params) as "

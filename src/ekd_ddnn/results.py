@@ -75,6 +75,9 @@ COLUMNS = {  # key -> (header, formatter)
     "macs": ("MACs", format_macs),
     "top1_err": ("top-1 err %", lambda v: "-" if v is None else f"{v:.2f}"),
     "top5_err": ("top-5 err %", lambda v: "-" if v is None else f"{v:.2f}"),
+    "trained": ("trained", lambda v: "yes" if v else ""),
+    "bn_images": ("BN images", lambda v: str(v) if v else "-"),
+    "pareto": ("front", lambda v: "*" if v else ""),
     "latency_ms": ("latency ms", lambda v: f"{v:.2f}"),
     "throughput": ("img/s", lambda v: f"{v:.0f}"),
 }
@@ -248,23 +251,68 @@ def read_overrides(run_dir: str | Path) -> list[str]:
     return items
 
 
-def plot_accuracy_vs_macs(rows: Sequence[Mapping], path: str | Path, title: str = "") -> Path:
-    """Top-1 accuracy against MACs, one labelled point per depth (the paper's trade-off)."""
+def read_reference(path: str | Path) -> list[dict]:
+    """Reference points for the front plot from a YAML file of the user's: a list of
+    ``{name: ..., macs: <count>, top1_err: <percent>}`` (e.g. individually trained nets).
+    Read as data (``yaml.safe_load``), never instantiated."""
+    path = Path(path)
+    try:
+        items = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"cannot read reference={path}: {reason}") from None
+    good = isinstance(items, list) and all(
+        isinstance(i, dict)
+        and isinstance(i.get("name"), str)
+        and all(
+            isinstance(i.get(k), int | float) and not isinstance(i.get(k), bool)
+            for k in ("macs", "top1_err")
+        )
+        for i in items
+    )
+    if not good:
+        raise UserError(
+            f"reference={path} must be a YAML list of {{name: <str>, macs: <number>, "
+            "top1_err: <number>}}"
+        )
+    return items
+
+
+def plot_front(
+    rows: Sequence[Mapping],
+    path: str | Path,
+    title: str = "",
+    reference: Sequence[Mapping] | None = None,
+) -> Path:
+    """Top-1 error against MACs: every depth a point, the accuracy-cost front (rows with
+    ``pareto``) drawn as a line, the trained depths labelled, and ``reference`` points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    macs = [row["macs"] / 1e6 for row in rows]
-    acc = [100.0 - row["top1_err"] for row in rows]
-    ax.plot(macs, acc, "o")
-    for row, x, y in zip(rows, macs, acc, strict=True):
-        ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    rated = [r for r in rows if r.get("top1_err") is not None]
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    ax.plot([r["macs"] / 1e6 for r in rated], [r["top1_err"] for r in rated], "o",
+            color="0.6", ms=4, label="depths")  # fmt: skip
+    front = sorted((r for r in rated if r.get("pareto")), key=lambda r: r["macs"])
+    if front:
+        ax.step([r["macs"] / 1e6 for r in front], [r["top1_err"] for r in front], "-o",
+                where="post", color="C0", ms=5, label="front")  # fmt: skip
+    for r in rated:
+        if r.get("trained", True):
+            ax.annotate(r["name"], (r["macs"] / 1e6, r["top1_err"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)  # fmt: skip
+    for i, ref in enumerate(reference or []):
+        ax.plot(ref["macs"] / 1e6, ref["top1_err"], "s", color="C3",
+                label="reference" if i == 0 else None)  # fmt: skip
+        ax.annotate(ref["name"], (ref["macs"] / 1e6, ref["top1_err"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8, color="C3")  # fmt: skip
     ax.set_xlabel("MACs per image (M)")
-    ax.set_ylabel(f"top-1 accuracy on {rows[0].get('split', '')} (%)")
-    ax.set_title(title or "accuracy vs MACs per depth", fontsize=9)
+    ax.set_ylabel(f"top-1 error on {rows[0].get('split', '') if rows else ''} (%)")
+    ax.set_title(title or "top-1 error vs MACs per depth", fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     ax.margins(x=0.15, y=0.15)  # room for the labels
     fig.tight_layout()
     fig.savefig(path)

@@ -16,7 +16,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -33,7 +32,6 @@ from ekd_ddnn.loggers import (
 )
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
-from ekd_ddnn.run.checkpoint_io import SafeCheckpointIO
 from ekd_ddnn.run.checks import (
     changed_settings,
     check_arguments,
@@ -42,6 +40,7 @@ from ekd_ddnn.run.checks import (
     check_trainer,
 )
 from ekd_ddnn.run.cli import command, run_app
+from ekd_ddnn.run.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +121,6 @@ def check_monitors(callbacks: list[Any], module: EKDModule) -> None:
                 f"{type(callback).__name__} monitors {monitor!r}, which this run never logs"
                 f"{hint} (logged: val/top1_err/<net>, val/top1_err/mean, ...)"
             )
-
-
-def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
-    """Instantiate the Trainer; a setting the machine cannot satisfy is a user error."""
-    trainer_cfg = trainer_cfg.copy()
-    with open_dict(trainer_cfg):
-        precision = trainer_cfg.pop("float32_matmul_precision", None)
-    if precision is not None:  # TF32 on Ampere and later GPUs (`high`); no effect on a CPU
-        torch.set_float32_matmul_precision(precision)
-    try:
-        return instantiate(trainer_cfg, plugins=[SafeCheckpointIO()], **kwargs)
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        if type(cause).__name__ == "MisconfigurationException" or isinstance(cause, ValueError):
-            reason = str(cause).strip().splitlines()[0]
-            raise UserError(f"cannot set up the trainer: {reason}; check trainer.*") from None
-        raise
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:

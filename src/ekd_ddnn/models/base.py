@@ -185,6 +185,25 @@ class DepthDynamicNet(nn.Module):
                     )
         return clone
 
+    def shared_stats_copy(self) -> DepthDynamicNet:
+        """A copy with one set of BatchNorm statistics (the full-net's): any depth of it can
+        be extracted, e.g. to count its params and MACs."""
+        clone = copy.deepcopy(self)
+        for bn in _bn_layers(clone):
+            for key in [k for k in bn._buffers if _PRIVATE_KEY.search(k)]:
+                del bn._buffers[key]
+        clone.config["bn_stats"] = "shared"
+        return clone
+
+    def names_of(self, depths: Sequence[Sequence[int]]) -> list[str]:
+        """Names of ``depths``, unique among them: blocks are appended where two share one
+        (``resnet-3-2-3`` and ``resnet-2-3-3`` of a lattice stay apart)."""
+        base = [self._namer(tuple(d)) for d in depths]
+        return [
+            f"{name}-{'-'.join(map(str, d))}" if base.count(name) > 1 else name
+            for name, d in zip(base, depths, strict=True)
+        ]
+
     @property
     def names(self) -> list[str]:
         """The name of each depth in :attr:`depths`, unique within this net."""
