@@ -44,9 +44,9 @@ def test_evaluate_reproduces_training_metrics(digits_run, best, tmp_path):
             assert ours[key] == theirs[key], key
         assert ours["latency_ms"] > 0 and ours["throughput"] > 0
     assert json.loads((tmp_path / "results.json").read_text()) == rows
-    for name in ("results.md", "results.csv", "accuracy_vs_macs.png"):
+    for name in ("results.md", "results.csv", "front.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert (tmp_path / "accuracy_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + len(rows)
 
 

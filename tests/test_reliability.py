@@ -431,6 +431,37 @@ CATALOGUE = [
         1,
         "job {truncated_sweep}/1: results.json is not a finished results table (",
     ),
+    # ---- issue 14: the lattice, its front, the depth for a budget
+    (
+        "train",
+        ["ekd.sampling=sometimes"],
+        1,
+        "ekd.sampling must be fixed or lattice, got 'sometimes'",
+    ),
+    (
+        "train",
+        ["ekd.sampling=lattice", "ekd.num_sampled=30"],
+        1,
+        "ekd.num_sampled=30 but the depth lattice holds only 25 depths besides the full-net and the smallest; use at most 25",
+    ),
+    (
+        "evaluate",
+        ["ckpt_path={ckpt}", "depths=some"],
+        1,
+        "depths must be trained, lattice or a list such as [[3,2,3],[1,1,1]], got 'some'",
+    ),
+    (
+        "select",
+        ["ckpt_path={ckpt}"],
+        1,
+        "give a budget: budget.macs=<count>, budget.params=<count> or budget.latency_ms=<ms> (several must all hold)",
+    ),
+    (
+        "select",
+        ["ckpt_path={ckpt}", "budget.macs=1e3"],
+        1,
+        "no depth fits the budget (macs <= 0.001M): the cheapest is resnet8 [1, 1, 1] with macs 3.05M, params 0.0778M; raise the budget",
+    ),
     (
         "study",
         ["study=smoke", "study.seeds=[a]"],

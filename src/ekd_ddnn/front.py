@@ -33,12 +33,11 @@ Depth = tuple[int, ...]
 
 def checkpoint_depths(ckpt: Mapping[str, Any], net: DepthDynamicNet) -> tuple[list[Depth], bool]:
     """(the depths a checkpoint trained, whether they have BatchNorm statistics of their own
-    to evaluate with). A lattice-trained net with shared statistics has none: its shared
-    statistics mixed hundreds of depths."""
+    to evaluate with). A lattice-trained net has none: shared statistics mixed hundreds of
+    depths, and a named depth's private ones were updated only in the steps that drew it."""
     loss = ckpt["hyper_parameters"].get("loss", {})
     trained = [net.full_depth] if loss.get("mode") == "individual" else net.depths
-    lattice_shared = loss.get("sampling") == "lattice" and not net.private_bn_stats
-    return trained, not lattice_shared
+    return trained, loss.get("sampling") != "lattice"
 
 
 def depth_ready(

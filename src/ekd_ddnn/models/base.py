@@ -12,6 +12,7 @@ import copy
 import itertools
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,7 @@ class DepthDynamicNet(nn.Module):
         self.full_depth: Depth = tuple(len(stage) for stage in self.stages)
         self._namer = namer
         self._extractor = extractor
+        self._partitions: dict[tuple, list[list[int]]] = {}  # see _split
         self.config = dict(config or {})
         self.subnets: list[Depth] = []
         for depth in subnets:
@@ -170,6 +172,7 @@ class DepthDynamicNet(nn.Module):
             if depth != self.full_depth and depth not in new:
                 new.append(depth)
         clone = copy.deepcopy(self)
+        clone._partitions = {}
         clone.subnets = new
         clone.config["subnets"] = [list(d) for d in new]
         if not self.private_bn_stats:
@@ -287,8 +290,11 @@ class DepthDynamicNet(nn.Module):
             stats = [self.depths.index(d) if d in self.depths else -1 for d in depths]
             scratch = iter(self._scratch_stats(stats.count(-1)))
             stats = [next(scratch) if i == -1 else i for i in stats]
-        x = self._run_module(self.stem, x, group, stats)
-        self._run_group(x, group, 0, 0, depths, stats, features, logits)
+        if self.training:
+            self._partitions.clear()  # statistics change in train mode
+        for part in self._split(self.stem, group, stats):
+            y = self._run_module(self.stem, x, part, stats)
+            self._run_group(y, part, 0, 0, depths, stats, features, logits)
         return [(lg, f) for lg, f in zip(logits, features, strict=True)]  # type: ignore[misc]
 
     def _run_module(
@@ -319,6 +325,45 @@ class DepthDynamicNet(nn.Module):
             for bn, buffers in zip(layers, saved, strict=True):
                 bn._buffers.update(buffers)
         return out
+
+    def _split(
+        self, module: nn.Module, group: list[int], stats: list[int] | None
+    ) -> list[list[int]]:
+        """``group`` split into the depths that hold equal BatchNorm statistics in ``module``
+        (evaluation with private statistics): a block runs once per distinct set, so every
+        depth is evaluated with its own statistics even where they differ at a shared block
+        (lattice training updates a named depth's only when it is drawn; re-estimated and
+        trained depths meet in one evaluation). Cached until the statistics can change."""
+        if stats is None or self.training or len(group) < 2:
+            return [group]
+        key = (id(module), tuple(stats[i] for i in group))
+        if key not in self._partitions:
+            layers = _bn_layers(module)
+            classes: list[list[int]] = []
+            for pos, i in enumerate(group):
+                for cls in classes:
+                    j = group[cls[0]]
+                    if all(
+                        torch.equal(
+                            bn._buffers[_stat_key(k, stats[i])], bn._buffers[_stat_key(k, stats[j])]
+                        )
+                        for bn in layers
+                        for k in ("running_mean", "running_var")
+                    ):
+                        cls.append(pos)
+                        break
+                else:
+                    classes.append([pos])
+            self._partitions[key] = classes
+        return [[group[p] for p in cls] for cls in self._partitions[key]]
+
+    def train(self, mode: bool = True) -> DepthDynamicNet:
+        self._partitions.clear()  # statistics may change
+        return super().train(mode)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._partitions.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def _scratch_stats(self, count: int) -> list[int]:
         """Ids of ``count`` sets of BatchNorm statistics for training steps of depths beyond
@@ -358,11 +403,18 @@ class DepthDynamicNet(nn.Module):
                     continue
                 self._run_group(x, leaving, stage + 1, 0, depths, stats, features, logits)
                 group = staying
-            x = self._run_module(self.stages[stage][block], x, group, stats)
+            module = self.stages[stage][block]
+            parts = self._split(module, group, stats)
+            if len(parts) > 1:  # the depths disagree on this block's statistics
+                for part in parts:
+                    self._run_group(x, part, stage, block, depths, stats, features, logits)
+                return
+            x = self._run_module(module, x, group, stats)
             block += 1
-        out = self._run_module(self.head, x, group, stats)
-        for i in group:
-            logits[i] = out
+        for part in self._split(self.head, group, stats):
+            out = self._run_module(self.head, x, part, stats)
+            for i in part:
+                logits[i] = out
 
     # ----------------------------------------------------------------- standalone nets
     def subnet_state_dict(self, depth: Sequence[int]) -> dict[str, Tensor]:

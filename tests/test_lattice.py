@@ -1,0 +1,234 @@
+"""Any depth from one run: the lattice, its sampler, training steps over changing depth sets,
+evaluation of any set of depths, the accuracy-cost front and the depth for a budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.front import choose_depths, pareto_flags, pick_for_budget
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import build_net
+from ekd_ddnn.module import EKDModule
+from ekd_ddnn.sampling import sample_depths
+from tests.conftest import run_cli
+
+
+def small_net(**kwargs):
+    return build_net(
+        "cifar_resnet20", subnets=[[2, 2, 2]], num_classes=10, image_size=8, **kwargs
+    ).double()
+
+
+@pytest.mark.parametrize(
+    ("arch", "count"),
+    [("cifar_resnet20", 27), ("cifar_resnet56", 729), ("resnet50", 216), ("cifar_vgg16", 108)],
+)
+def test_lattice_sizes(arch, count):
+    """Every per-stage count 1..N_i: 3^3, 9^3, 3*4*6*3 and 2*2*3*3*3 depths; full first."""
+    net = build_net(arch)
+    lattice = net.lattice()
+    assert len(lattice) == len(set(lattice)) == count
+    assert lattice[0] == net.full_depth and lattice[-1] == (1,) * len(net.full_depth)
+
+
+def test_min_blocks_shrinks_the_lattice():
+    net = build_net("cifar_resnet56", min_blocks=3)
+    assert len(net.lattice()) == 7**3 and net.smallest_depth == (3, 3, 3)
+    with pytest.raises(UserError, match="model.min_blocks must be between 1 and"):
+        build_net("cifar_resnet20", min_blocks=4)
+
+
+def test_sampler_draws():
+    """Only lattice depths, always the full-net and the smallest first, no duplicate, a pure
+    function of (seed, step) (the same on every rank and after a resume), different across
+    steps, and uniform over the rest."""
+    lattice = build_net("cifar_resnet20").lattice()
+    draws = [sample_depths(lattice, 3, seed=7, step=s) for s in range(400)]
+    for depths in draws:
+        assert depths[:2] == [(3, 3, 3), (1, 1, 1)]
+        assert len(set(depths)) == 5 and set(depths) <= set(lattice)
+    assert draws[5] == sample_depths(lattice, 3, seed=7, step=5)  # another rank, a resume
+    assert sample_depths(lattice, 3, seed=8, step=5) != draws[5]
+    assert len({tuple(d) for d in draws}) > 300
+    counts = torch.zeros(len(lattice))
+    for depths in draws:
+        for d in depths[2:]:
+            counts[lattice.index(d)] += 1
+    rest = counts[1:-1]
+    assert counts[0] == counts[-1] == 0 and rest.sum() == 1200
+    assert rest.min() > 0.5 * rest.mean() and rest.max() < 1.5 * rest.mean()  # 48 each
+
+
+def test_sampler_refuses_more_than_the_lattice():
+    lattice = build_net("cifar_resnet20").lattice()
+    assert len(sample_depths(lattice, 25, seed=0, step=0)) == 27
+    with pytest.raises(UserError) as info:
+        sample_depths(lattice, 26, seed=0, step=0)
+    assert str(info.value) == (
+        "ekd.num_sampled=26 but the depth lattice holds only 25 depths besides the full-net "
+        "and the smallest; use at most 25"
+    )
+
+
+@pytest.mark.parametrize("bn_stats", ["shared", "private"])
+def test_lattice_step_equals_depths_one_at_a_time(bn_stats):
+    """The EKD loss and every gradient of a step over sampled depths (one prefix-tree
+    forward) equal those computed from each depth run alone (float64)."""
+    torch.manual_seed(0)
+    net = small_net(bn_stats=bn_stats)
+    loss = EKDLoss(sampling="lattice", num_sampled=3)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    for step in (0, 1):
+        depths = sample_depths(net.lattice(), 3, seed=1, step=step)
+        net.zero_grad()
+        together = net.forward_depths(x, depths)
+        total = loss([o[0] for o in together], [o[1] for o in together], y).total
+        total.backward()
+        grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+
+        alone = copy_net(net)
+        outputs = [alone(x, d) for d in depths]
+        ref = loss([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        ref.backward()
+        torch.testing.assert_close(total, ref, rtol=0, atol=1e-12)
+        for k, p in alone.named_parameters():
+            torch.testing.assert_close(grads[k], p.grad, rtol=0, atol=1e-10, msg=k)
+
+
+def copy_net(net: nn.Module) -> nn.Module:
+    import copy
+
+    clone = copy.deepcopy(net)
+    clone.zero_grad()
+    return clone
+
+
+def test_module_steps_draw_from_seed_and_step():
+    """EKDModule's depths of a step: the sampler's for (run seed, global step)."""
+    net = small_net()
+    module = EKDModule(net, EKDLoss(sampling="lattice", num_sampled=2), seed=3)
+    depths, names = module.step_depths()
+    assert depths == sample_depths(net.lattice(), 2, seed=3, step=0)
+    assert names == ["resnet20", "resnet8", "sampled", "sampled"]
+    assert "train/ce/sampled_mean" in module.metric_keys()
+    with pytest.raises(UserError, match="ekd.num_sampled=30 but the depth lattice holds only 25"):
+        EKDModule(net, EKDLoss(sampling="lattice", num_sampled=30))
+
+
+def test_choose_depths():
+    net = small_net()
+    trained = net.depths
+    assert choose_depths(net, trained, "trained") == [(3, 3, 3), (2, 2, 2)]
+    assert choose_depths(net, trained, "lattice") == net.lattice()
+    some = choose_depths(net, trained, "lattice", max_depths=4, seed=0)
+    assert some[:2] == trained and len(set(some)) == 6 and set(some) <= set(net.lattice())
+    assert some == choose_depths(net, trained, "lattice", max_depths=4, seed=0)
+    assert choose_depths(net, trained, [[1, 2, 1], [3, 3, 3], [1, 2, 1]]) == [(3, 3, 3), (1, 2, 1)]
+
+
+def test_recalibration_through_the_prefix_tree_equals_each_depth_alone():
+    """Re-estimating the statistics of many depths in one prefix-tree pass per batch equals
+    re-estimating each depth's standalone copy with plain torch."""
+    torch.manual_seed(0)
+    net = small_net(bn_stats="private")
+    depths = net.lattice()[::5]
+    view = net.with_depths(depths)
+    batches = [torch.randn(5, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
+    view.recalibrate_bn_stats(batches)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    view.eval()
+    for depth, (logits, _) in zip(view.depths, view.forward_depths(x, view.depths), strict=True):
+        alone = net.shared_stats_copy().extract(depth)
+        for bn in alone.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.reset_running_stats()
+                bn.momentum = None
+        alone.train()
+        with torch.no_grad():
+            for b in batches:
+                alone(b)
+        torch.testing.assert_close(logits, alone.eval()(x)[0], rtol=0, atol=1e-10)
+
+
+ROWS = [  # hand-made: name, MACs, params, top-1 error
+    {"name": "a", "blocks": [3], "macs": 100, "params": 50, "top1_err": 5.0},
+    {"name": "b", "blocks": [2], "macs": 80, "params": 40, "top1_err": 6.0},
+    {"name": "c", "blocks": [2], "macs": 80, "params": 30, "top1_err": 7.0},
+    {"name": "d", "blocks": [1], "macs": 60, "params": 20, "top1_err": 6.0},
+    {"name": "e", "blocks": [1], "macs": 60, "params": 25, "top1_err": 6.0},
+    {"name": "f", "blocks": [1], "macs": 40, "params": 10, "top1_err": None},
+]
+
+
+def test_pareto_flags_on_a_hand_made_table():
+    """a: lowest error; d and e tie (neither strictly better) and dominate b and c; f has no
+    error."""
+    rows = pareto_flags([dict(r) for r in ROWS])
+    assert {r["name"]: r["pareto"] for r in rows} == {
+        "a": True, "b": False, "c": False, "d": True, "e": True, "f": False,
+    }  # fmt: skip
+
+
+def test_pick_for_budget_on_a_hand_made_table():
+    rows = [dict(r) for r in ROWS]
+    assert pick_for_budget(rows, {"macs": 100})["name"] == "a"
+    assert pick_for_budget(rows, {"macs": 90})["name"] == "d"  # tie b/d/e at 6.0: cheapest
+    assert pick_for_budget(rows, {"macs": 90, "params": 22})["name"] == "d"
+    assert pick_for_budget(rows, {"params": 35})["name"] == "d"
+    rows[4]["latency_ms"], rows[3]["latency_ms"] = 1.0, 3.0
+    assert pick_for_budget(rows, {"macs": 90, "latency_ms": 2})["name"] == "e"
+    with pytest.raises(UserError) as info:
+        pick_for_budget(rows, {"macs": 70, "params": 15})
+    assert str(info.value) == (
+        "no depth fits the budget (macs <= 7e-05M, params <= 1.5e-05M): the cheapest is d [1] "
+        "with macs 6e-05M, params 2e-05M, latency_ms 3 ms; raise the budget"
+    )
+
+
+@pytest.mark.slow
+def test_lattice_training_evaluation_and_selection_through_the_cli(tmp_path):
+    """`train ekd.sampling=lattice` on digits, then every lattice depth is evaluated (equal
+    to evaluating depth by depth), then `select` picks within a MACs budget and exports it."""
+    train_dir = tmp_path / "train"
+    result = run_cli(
+        "train", "ekd.sampling=lattice", "trainer.max_epochs=2", f"hydra.run.dir={train_dir}"
+    )
+    assert result.returncode == 0, result.stderr
+    ckpt = train_dir / "checkpoints" / "last.ckpt"
+    rows = {}
+    for per_pass in (32, 1):
+        out = tmp_path / f"eval{per_pass}"
+        result = run_cli(
+            "evaluate", f"ckpt_path={ckpt}", "depths=lattice", f"depths_per_pass={per_pass}",
+            "speed.enabled=false", f"hydra.run.dir={out}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        rows[per_pass] = json.loads((out / "results.json").read_text())
+        assert (out / "front.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(rows[32]) == 27 and rows[32] == rows[1]
+    trained = {r["name"] for r in rows[32] if r["trained"]}
+    assert trained == {"resnet20", "resnet14", "resnet8"}
+    assert all(r["bn_images"] == 1408 for r in rows[32])  # lattice: all re-estimated
+    assert any(r["pareto"] for r in rows[32])
+
+    out = tmp_path / "select"
+    exported = tmp_path / "chosen.pt"
+    result = run_cli(
+        "select", f"ckpt_path={ckpt}", "budget.macs=5e6",
+        f"from_results={tmp_path}/eval32/results.json", "export.format=state_dict",
+        f"export.out={exported}", f"hydra.run.dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    selection = json.loads((out / "selection.json").read_text())
+    fits = [r for r in rows[32] if r["macs"] <= 5e6]
+    best = min(fits, key=lambda r: (r["top1_err"], r["macs"], r["params"]))
+    assert selection["name"] == best["name"] and selection["blocks"] == best["blocks"]
+    assert selection["export"]["path"] == str(exported)
+    net = build_net("cifar_resnet20", blocks=best["blocks"], num_classes=10, in_channels=1,
+                    image_size=16)  # fmt: skip
+    net.load_state_dict(torch.load(exported, weights_only=True))
