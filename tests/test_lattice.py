@@ -232,3 +232,23 @@ def test_lattice_training_evaluation_and_selection_through_the_cli(tmp_path):
     net = build_net("cifar_resnet20", blocks=best["blocks"], num_classes=10, in_channels=1,
                     image_size=16)  # fmt: skip
     net.load_state_dict(torch.load(exported, weights_only=True))
+
+
+def test_evaluation_uses_each_depths_own_statistics_at_shared_blocks():
+    """Private statistics that differ at shared blocks (a depth updated alone, as lattice
+    training does): evaluating the depths together equals evaluating each alone."""
+    torch.manual_seed(0)
+    net = small_net(bn_stats="private")
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    net.train()
+    with torch.no_grad():
+        net.forward_depths(x * 3 + 1, [(2, 2, 2)])  # only [2,2,2]'s statistics move
+    net.eval()
+    together = net.forward_depths(x, net.depths)
+    for depth, (logits, features) in zip(net.depths, together, strict=True):
+        alone, alone_features = net.forward_depths(x, [depth])[0]
+        torch.testing.assert_close(logits, alone, rtol=0, atol=0)
+        for a, b in zip(features, alone_features, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stem = net.forward_depths(x, [(3, 3, 3)])[0][1][0]
+    assert not torch.equal(together[1][1][0], stem)  # the stem did run twice
