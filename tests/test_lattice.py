@@ -252,3 +252,17 @@ def test_evaluation_uses_each_depths_own_statistics_at_shared_blocks():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     stem = net.forward_depths(x, [(3, 3, 3)])[0][1][0]
     assert not torch.equal(together[1][1][0], stem)  # the stem did run twice
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "cifar_resnet20", "cifar_vgg11"])
+def test_extract_keeps_device_and_dtype(arch):
+    """A standalone depth lives where the DDNN lives (here: float64 on the CPU, which stands
+    in for CUDA: the ImageNet family used to build a fresh float32 torchvision ResNet)."""
+    net = build_net(arch, subnets=[], num_classes=10, image_size=32).double()
+    depth = net.lattice()[-1]
+    standalone = net.extract(depth)
+    assert {p.dtype for p in standalone.parameters()} == {torch.float64}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = standalone.eval()(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(logits, net.eval()(x, depth)[0], rtol=0, atol=1e-12)

@@ -440,6 +440,12 @@ CATALOGUE = [
     ),
     (
         "train",
+        ["ekd.attention_stages=x"],
+        1,
+        "ekd.attention_stages must be all or differing, got 'x'",
+    ),
+    (
+        "train",
         ["ekd.sampling=lattice", "ekd.num_sampled=30"],
         1,
         "ekd.num_sampled=30 but the depth lattice holds only 25 depths besides the full-net and the smallest; use at most 25",

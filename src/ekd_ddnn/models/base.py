@@ -446,8 +446,12 @@ class DepthDynamicNet(nn.Module):
                 f"depth {list(depth)} has no BatchNorm statistics of its own in this net; "
                 f"extract one of {[list(d) for d in self.depths]}"
             )
-        if self._extractor is not None:
-            return self._extractor(self, depth)
+        if self._extractor is not None:  # built afresh: on the DDNN's device, dtype, layout
+            param = next(self.parameters())
+            standalone = self._extractor(self, depth).to(device=param.device, dtype=param.dtype)
+            if self.config.get("channels_last"):
+                standalone = standalone.to(memory_format=torch.channels_last)
+            return standalone
         net = DepthDynamicNet(
             copy.deepcopy(self.stem),
             [copy.deepcopy(stage[:n]) for stage, n in zip(self.stages, depth, strict=True)],
