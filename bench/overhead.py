@@ -57,7 +57,7 @@ def raw_step(net: DepthDynamicNet, batches: Iterator[tuple[Tensor, Tensor]]) -> 
         x, y = next(batches)
         optimizer.zero_grad(set_to_none=True)
         outputs = net.forward_depths(x, net.depths)
-        loss = loss_fn([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        loss = loss_fn(outputs, y).total
         loss.backward()
         optimizer.step()
 

@@ -76,7 +76,7 @@ def ekd_step(
     def step(x: Tensor, y: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
         outputs = net.forward_depths(x, depths) if shared else [net(x, d) for d in depths]
-        total = loss_fn([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        total = loss_fn(outputs, y).total
         total.backward()
         optimizer.step()
         return total.detach()
@@ -183,7 +183,7 @@ def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Cal
     def run(loss_fn: EKDLoss) -> None:
         logits = [o[0].detach().requires_grad_() for o in outputs]
         features = [[f.detach().requires_grad_() for f in o[1]] for o in outputs]
-        loss_fn(logits, features, y).total.backward()
+        loss_fn.terms(logits, features, y).total.backward()
 
     return {"loss_ekd": lambda: run(EKDLoss()), "loss_ddnn": lambda: run(EKDLoss(mode="ddnn"))}
 
@@ -231,7 +231,7 @@ def activation_memory(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, f
 
     def ekd_forward() -> None:
         outputs = net.forward_depths(x, net.depths)
-        EKDLoss()([o[0] for o in outputs], [o[1] for o in outputs], y)
+        EKDLoss()(outputs, y)
 
     memory = {"ekd": saved_mib(ekd_forward, params)}
     for depth, name in zip(net.depths, net.names, strict=True):

@@ -14,11 +14,11 @@ import torchvision
 from hydra.utils import instantiate
 
 from ekd_ddnn.calibration import recalibrate_bn
-from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import evaluate
 from ekd_ddnn.export import export_depth
 from ekd_ddnn.models import build_net, count_params
+from ekd_ddnn.run.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from tests.conftest import compose_config, run_cli
 
 pytestmark = pytest.mark.slow  # every test here needs the trained digits run

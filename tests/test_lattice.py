@@ -87,13 +87,13 @@ def test_lattice_step_equals_depths_one_at_a_time(bn_stats):
         depths = sample_depths(net.lattice(), 3, seed=1, step=step)
         net.zero_grad()
         together = net.forward_depths(x, depths)
-        total = loss([o[0] for o in together], [o[1] for o in together], y).total
+        total = loss(together, y).total
         total.backward()
         grads = {k: p.grad.clone() for k, p in net.named_parameters()}
 
         alone = copy_net(net)
         outputs = [alone(x, d) for d in depths]
-        ref = loss([o[0] for o in outputs], [o[1] for o in outputs], y).total
+        ref = loss(outputs, y).total
         ref.backward()
         torch.testing.assert_close(total, ref, rtol=0, atol=1e-12)
         for k, p in alone.named_parameters():

@@ -65,7 +65,7 @@ def test_ekd_total_by_hand():
     target = 1
     w, a = 0.7, 30.0
     loss = EKDLoss(mode="ekd", w=w, a=a)
-    terms = loss(
+    terms = loss.terms(
         [torch.tensor([lg]) for lg in logits],
         [[torch.tensor([f]).unsqueeze(-2)] for f in feats],  # (1, C, 1, 3)
         torch.tensor([target]),
@@ -103,7 +103,7 @@ def test_student_terms_do_not_move_the_teacher():
     for term in ("kl", "mse"):
         for index, movers in ((1, [False, True, False]), (0, [True, False, False])):
             logits, feats, y = _outputs()
-            terms = EKDLoss()(logits, feats, y)
+            terms = EKDLoss().terms(logits, feats, y)
             getattr(terms, term)[index].backward()
             tensors = logits if term == "kl" else [f[0] for f in feats]
             assert _grads(tensors) == movers, (term, index)
@@ -112,7 +112,7 @@ def test_student_terms_do_not_move_the_teacher():
 def test_individual_is_plain_cross_entropy():
     """Mode individual: the total is F.cross_entropy of the one net, no other terms."""
     logits, feats, y = _outputs(k=0)
-    terms = EKDLoss(mode="individual")(logits, feats, y)
+    terms = EKDLoss(mode="individual").terms(logits, feats, y)
     torch.testing.assert_close(terms.total, F.cross_entropy(logits[0], y))
     assert terms.kl == [None] and terms.mse == [None]
 
@@ -120,7 +120,7 @@ def test_individual_is_plain_cross_entropy():
 def test_ddnn_is_cross_entropy_of_every_depth():
     """Mode ddnn: CE_t + mean of the sub-nets' CE; no distillation terms computed."""
     logits, feats, y = _outputs(k=3)
-    terms = EKDLoss(mode="ddnn")(logits, feats, y)
+    terms = EKDLoss(mode="ddnn").terms(logits, feats, y)
     ce = [F.cross_entropy(lg, y) for lg in logits]
     torch.testing.assert_close(terms.total, ce[0] + (ce[1] + ce[2] + ce[3]) / 3)
     assert terms.kl == [None] * 4 and terms.mse == [None] * 4
@@ -129,19 +129,19 @@ def test_ddnn_is_cross_entropy_of_every_depth():
 def test_ensemble_switch_and_zero_weights():
     """ensemble=False drops KL_t and MSE_t; w = a = 0 makes ekd equal ddnn."""
     logits, feats, y = _outputs()
-    full = EKDLoss()(logits, feats, y)
-    ablated = EKDLoss(ensemble=False)(logits, feats, y)
+    full = EKDLoss().terms(logits, feats, y)
+    ablated = EKDLoss(ensemble=False).terms(logits, feats, y)
     assert ablated.kl[0] is None and ablated.mse[0] is None
     expected = full.total - 1.0 / 3 * full.kl[0] - 100.0 / 3 * full.mse[0]
     torch.testing.assert_close(ablated.total, expected)
-    zero = EKDLoss(w=0, a=0)(logits, feats, y)
-    torch.testing.assert_close(zero.total, EKDLoss(mode="ddnn")(logits, feats, y).total)
+    zero = EKDLoss(w=0, a=0).terms(logits, feats, y)
+    torch.testing.assert_close(zero.total, EKDLoss(mode="ddnn").terms(logits, feats, y).total)
 
 
 def test_k0_ekd_equals_cross_entropy():
     """With no sub-nets the ensemble is the full-net itself: EKD reduces to CE."""
     logits, feats, y = _outputs(k=0)
-    terms = EKDLoss()(logits, feats, y)
+    terms = EKDLoss().terms(logits, feats, y)
     torch.testing.assert_close(terms.total, F.cross_entropy(logits[0], y))
 
 
@@ -212,7 +212,7 @@ def test_every_term_against_plain_formulas(temperature):
     MSE_k and the total against log_softmax / sum p log(p/q) / channel-sum maps."""
     logits, feats, y = _float64_outputs()
     w, a = 0.7, 30.0
-    terms = EKDLoss(w=w, a=a, temperature=temperature)(logits, feats, y)
+    terms = EKDLoss(w=w, a=a, temperature=temperature).terms(logits, feats, y)
     ce, kls, stage_mse = _plain_terms(logits, feats, y, temperature)
     mses = [sum(m) / len(m) for m in stage_mse]
     total = ce[0] + (ce[1] + ce[2]) / 2 + w / 3 * sum(kls) + a / 3 * sum(mses)
@@ -232,8 +232,8 @@ def test_every_term_against_plain_formulas(temperature):
 def test_differing_equals_all_when_every_stage_differs():
     """No stage output shared: both settings give the same terms and total."""
     logits, feats, y = _float64_outputs()
-    every = EKDLoss(attention_stages="all")(logits, feats, y)
-    differing = EKDLoss(attention_stages="differing")(logits, feats, y)
+    every = EKDLoss(attention_stages="all").terms(logits, feats, y)
+    differing = EKDLoss(attention_stages="differing").terms(logits, feats, y)
     for got, want in zip(differing.mse + [differing.total], every.mse + [every.total], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -250,12 +250,12 @@ def test_differing_averages_over_differing_stages_only():
     _, kls, m = _plain_terms(logits, feats, y, 1.0)
     assert m[1][0] == m[2][0] == m[1][1] == 0  # a sub-net's shared stage: exactly zero
     assert m[0][0] < 1e-30  # A_et of three equal maps: zero up to rounding
-    ce_part = EKDLoss(mode="ddnn")(logits, feats, y).total
+    ce_part = EKDLoss(mode="ddnn").terms(logits, feats, y).total
     for setting, expected in [
         ("differing", [(m[0][1] + m[0][2]) / 2, m[1][2], (m[2][1] + m[2][2]) / 2]),
         ("all", [sum(m[0]) / 3, m[1][2] / 3, (m[2][1] + m[2][2]) / 3]),
     ]:
-        terms = EKDLoss(w=w, a=a, attention_stages=setting)(logits, feats, y)
+        terms = EKDLoss(w=w, a=a, attention_stages=setting).terms(logits, feats, y)
         for k, want in enumerate(expected):
             torch.testing.assert_close(terms.mse[k], want, rtol=1e-12, atol=1e-14, msg=setting)
         total = ce_part + w / 3 * sum(kls) + a / 3 * sum(expected)
@@ -266,7 +266,7 @@ def test_differing_term_is_zero_without_differing_stage():
     """A sub-net whose every stage output is the full-net's: MSE_k = MSE_t = 0."""
     logits, feats, y = _float64_outputs(k=1)
     feats[1] = list(feats[0])
-    terms = EKDLoss(attention_stages="differing")(logits, feats, y)
+    terms = EKDLoss(attention_stages="differing").terms(logits, feats, y)
     assert terms.mse[0].item() == 0 and terms.mse[1].item() == 0
 
 
@@ -279,8 +279,8 @@ def test_differing_on_a_real_prefix_tree():
     (_, full), (_, sub) = outputs
     assert [f is g for f, g in zip(sub, full, strict=True)] == [True, True, False]
     logits, feats, y = [o[0] for o in outputs], [o[1] for o in outputs], torch.tensor([0, 1])
-    every = EKDLoss(attention_stages="all")(logits, feats, y)
-    differing = EKDLoss(attention_stages="differing")(logits, feats, y)
+    every = EKDLoss(attention_stages="all").terms(logits, feats, y)
+    differing = EKDLoss(attention_stages="differing").terms(logits, feats, y)
     _, _, m = _plain_terms(logits, feats, y, 1.0)
     torch.testing.assert_close(differing.mse[1], m[1][2], rtol=1e-12, atol=0)
     torch.testing.assert_close(every.mse[1], differing.mse[1] / 3, rtol=1e-12, atol=0)

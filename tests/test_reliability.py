@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 
-from ekd_ddnn.checkpoint import load_checkpoint
+from ekd_ddnn.run.checkpoint import load_checkpoint
 from ekd_ddnn.train import train
 from tests.conftest import REPO, SHARED_CIFAR, compose_config, run_cli
 from tests.test_data import (

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.launch import hydra_job_rank_command
 from ekd_ddnn.results import read_overrides, read_results
+from ekd_ddnn.run.launch import hydra_job_rank_command
 from tests.conftest import compose_config, run_cli
 
 TINY = [

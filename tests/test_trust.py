@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ekd_ddnn.checkpoint import data_config, load_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.export import export_depth
 from ekd_ddnn.models import build_net
+from ekd_ddnn.run.checkpoint import data_config, load_checkpoint
 from ekd_ddnn.train import train
 from tests.conftest import compose_config, mounted_tmpfs, run_cli
 
@@ -294,7 +294,7 @@ def test_unreadable_checkpoint_says_permission_denied(digits_run, tmp_path):
     ckpt.chmod(0)
     code = (  # imports first: the interpreter's own files may not be readable by nobody
         "import os, sys\n"
-        "from ekd_ddnn.checkpoint import load_checkpoint\n"
+        "from ekd_ddnn.run.checkpoint import load_checkpoint\n"
         "from ekd_ddnn.errors import UserError\n"
         "if os.geteuid() == 0: os.setgid(65534); os.setuid(65534)\n"
         "try: load_checkpoint(sys.argv[1])\n"

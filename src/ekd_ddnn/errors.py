@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 class UserError(Exception):
@@ -20,15 +20,21 @@ class InvalidDepthError(UserError, ValueError):
     """A depth (per-stage block counts) that the network cannot run."""
 
 
-def find_user_error(exc: BaseException | None) -> UserError | None:
-    """The first :class:`UserError` in ``exc``'s cause/context chain (Hydra wraps errors)."""
+def find_in_chain(exc: BaseException | None, kind: type[E]) -> E | None:
+    """The first exception of ``kind`` in ``exc``'s cause/context chain (Hydra, Lightning and
+    torch wrap the errors they pass on)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, UserError):
+        if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def find_user_error(exc: BaseException | None) -> UserError | None:
+    """The first :class:`UserError` in ``exc``'s cause/context chain."""
+    return find_in_chain(exc, UserError)
 
 
 class DivergedError(UserError):

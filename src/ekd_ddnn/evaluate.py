@@ -21,11 +21,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.front import checkpoint_depths, choose_depths, default_device, evaluate_depths
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.results import format_table, plot_front, read_reference, write_results
+from ekd_ddnn.run.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.run.checks import check_integer, check_trainer
 from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.run.trainer import build_trainer

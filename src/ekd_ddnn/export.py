@@ -15,15 +15,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.front import depth_ready
 from ekd_ddnn.models import DepthDynamicNet, count_params
+from ekd_ddnn.run.checkpoint import load_checkpoint, net_from_checkpoint
 from ekd_ddnn.run.checks import check_integer
 from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.run.files import write_atomically
@@ -133,7 +132,7 @@ def main(cfg: DictConfig) -> None:
         net,
         blocks,
         cfg.recalibrate_bn,
-        lambda: instantiate(data_config(ckpt, cfg.get("data"))),
+        data=cfg.get("data"),
         seed=cfg.seed,
     )
     depth = blocks

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch import Trainer
 
 from ekd_ddnn.calibration import recalibrate_bn
@@ -25,6 +26,7 @@ from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows
+from ekd_ddnn.run.checkpoint import data_config
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,13 @@ def depth_ready(
     net: DepthDynamicNet,
     depth: Depth,
     recalibrate: int | str,
-    make_data: Callable[[], ImageDataModule],
+    *,
+    data: Any = None,
     seed: int = 0,
 ) -> tuple[DepthDynamicNet, int]:
     """(a net that can extract ``depth`` with the right BatchNorm statistics, the images they
-    were re-estimated from): ``recalibrate`` as in :func:`evaluate_depths`."""
+    were re-estimated from): ``recalibrate`` as in :func:`evaluate_depths`, on the training
+    images of ``data`` (a data config; default the checkpoint's)."""
     trained, trained_stats = checkpoint_depths(ckpt, net)
     stale = not trained_stats or depth not in trained
     needed = recalibrate != 0 and (recalibrate != "auto" or stale)
@@ -58,8 +62,9 @@ def depth_ready(
     if not needed:
         return net, 0
     num_images = 2048 if recalibrate == "auto" else int(recalibrate)
+    datamodule = instantiate(data_config(ckpt, data))
     used = recalibrate_bn(
-        net, make_data(), num_images, seed=seed, depths=[depth], at_most=recalibrate == "auto"
+        net, datamodule, num_images, seed=seed, depths=[depth], at_most=recalibrate == "auto"
     )
     return net, used
 

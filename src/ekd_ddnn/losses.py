@@ -140,9 +140,16 @@ class EKDLoss:
         return self.mode == "ekd"
 
     def __call__(
+        self, outputs: Sequence[tuple[Tensor, Sequence[Tensor]]], targets: Tensor
+    ) -> EKDTerms:
+        """The loss of the network's outputs: ``(logits, per-stage features)`` per depth, full-net
+        first (what ``DepthDynamicNet.forward_depths`` returns), against class ``targets``."""
+        return self.terms([o[0] for o in outputs], [o[1] for o in outputs], targets)
+
+    def terms(
         self, logits: Sequence[Tensor], features: Sequence[Sequence[Tensor]], targets: Tensor
     ) -> EKDTerms:
-        """Evaluate the loss.
+        """Evaluate the loss from its parts.
 
         Args:
             logits: K+1 tensors (B, classes), full-net first.

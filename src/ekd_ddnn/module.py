@@ -148,7 +148,7 @@ class EKDModule(L.LightningModule):
         x, y = batch
         depths, names = self.step_depths()
         outputs = self.net.forward_depths(x, depths)
-        terms = self.loss([o[0] for o in outputs], [o[1] for o in outputs], y)
+        terms = self.loss(outputs, y)
         self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
         unseen = (self.first_nonfinite_step < 0) & ~torch.isfinite(terms.total.detach())
         self.first_nonfinite_step.copy_(

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import data_config, load_checkpoint, net_from_checkpoint
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import check_evaluate_config, evaluate_rows
 from ekd_ddnn.export import FORMATS, check_out, export_depth
 from ekd_ddnn.front import default_device, depth_ready, pick_for_budget
 from ekd_ddnn.results import format_macs, format_params, read_results
+from ekd_ddnn.run.checkpoint import load_checkpoint, net_from_checkpoint
 from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.run.files import write_text_atomically
 from ekd_ddnn.timing import median_forward_seconds
@@ -84,7 +83,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
             net,
             blocks,
             cfg.recalibrate_bn,
-            lambda: instantiate(data_config(ckpt, cfg.get("data"))),
+            data=cfg.get("data"),
             seed=cfg.seed,
         )
         info = export_depth(

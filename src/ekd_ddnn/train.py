@@ -18,28 +18,28 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.checkpoint import read_checkpoint
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.launch import ddp_job_scope, use_hydra_job_rank_command
-from ekd_ddnn.loggers import (
-    define_depth_metrics,
-    finish_loggers,
-    keep_csv_history,
-    log_results_table,
-)
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
+from ekd_ddnn.run.checkpoint import read_checkpoint
 from ekd_ddnn.run.checks import (
-    changed_settings,
     check_arguments,
     check_integer,
     check_optimizer,
     check_trainer,
 )
 from ekd_ddnn.run.cli import command, run_app
+from ekd_ddnn.run.launch import ddp_job_scope, use_hydra_job_rank_command
+from ekd_ddnn.run.loggers import (
+    define_depth_metrics,
+    finish_loggers,
+    keep_csv_history,
+    log_results_table,
+)
+from ekd_ddnn.run.rundir import check_resumed_settings, resume_checkpoint
 from ekd_ddnn.run.trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -75,38 +75,6 @@ def check_train_config(cfg: DictConfig) -> None:
         read_checkpoint(cfg.ckpt_path)  # missing, unreadable, corrupt or code-running: one line
     if cfg.get("resume"):
         check_resumed_settings(cfg)
-
-
-def check_resumed_settings(cfg: DictConfig) -> None:
-    """A resumed run trains what the run trained: the network, loss, optimizer, schedule,
-    data and seed must match the ones stored in its last checkpoint."""
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    stored = (read_checkpoint(last).get("hyper_parameters") or {}).get("config")
-    if not stored:
-        return  # written before configs were stored: nothing to compare with
-    refused, allowed = changed_settings(stored, OmegaConf.to_container(cfg, resolve=True))
-    if refused:
-        raise UserError(
-            f"resume={cfg.paths.output_dir} would change what the run trains: "
-            f"{'; '.join(refused)}; resume without those overrides, or start a new run"
-        )
-    if allowed:
-        log.info("resuming with changed settings: %s", "; ".join(allowed))
-
-
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to continue from (``resume``: the run's ``last.ckpt``), continuing its
-    W&B run under the same id."""
-    if not cfg.get("resume"):
-        return cfg.get("ckpt_path")
-    out = Path(cfg.paths.output_dir)
-    wandb = (cfg.get("logger") or {}).get("wandb")
-    previous = sorted(out.glob("wandb/*run-*"))
-    if wandb is not None and wandb.get("id") is None and previous:
-        with open_dict(cfg):  # continue the same W&B run
-            wandb.id = previous[-1].name.rsplit("-", 1)[-1]
-            wandb.resume = "allow"
-    return cfg.get("ckpt_path") or str(out / "checkpoints" / "last.ckpt")
 
 
 def check_monitors(callbacks: list[Any], module: EKDModule) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from ekd_ddnn.checkpoint import read_checkpoint
+from ekd_ddnn.run.checkpoint import read_checkpoint
 from ekd_ddnn.run.files import write_atomically
 
 
@@ -18,7 +18,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     Saving goes through :func:`~ekd_ddnn.run.files.write_atomically` (temporary file in the
     checkpoint's own directory, fsync, rename): a kill or a full disk keeps the previous
     checkpoint whole on any filesystem. Loading goes through
-    :func:`~ekd_ddnn.checkpoint.read_checkpoint`: weights-only, and one line for a missing,
+    :func:`~ekd_ddnn.run.checkpoint.read_checkpoint`: weights-only, and one line for a missing,
     unreadable, corrupt or code-running file.
     """
 

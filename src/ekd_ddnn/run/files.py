@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ekd_ddnn.errors import UserError
+from ekd_ddnn.errors import UserError, find_in_chain
 
 
 def write_error(path: str | Path, exc: OSError) -> UserError:
@@ -41,17 +41,6 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _os_error_in(exc: BaseException | None) -> OSError | None:
-    """The first :class:`OSError` in ``exc``'s cause/context chain."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _umask() -> int:
@@ -84,7 +73,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Non
     except Exception as exc:
         # writers may wrap the OS error (torch.save's zip writer raises a RuntimeError
         # while closing a file the disk could not hold): report the OS error underneath
-        os_error = _os_error_in(exc)
+        os_error = find_in_chain(exc, OSError)
         if os_error is None:
             raise
         raise write_error(path, os_error) from None

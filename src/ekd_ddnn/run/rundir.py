@@ -1,5 +1,5 @@
-"""The run directory: one run at a time (a lock), never a new run over an old one, and the
-run's record (``.hydra/``) written only once the checks have passed.
+"""The run directory: one run at a time (a lock), never a new run over an old one, the run's
+record (``.hydra/``) written only once the checks have passed, and resuming a run in it.
 
 Hydra writes nothing itself (``hydra.output_subdir: null``): a refused command leaves the
 directory as it was, and a resumed run records its settings beside the original record
@@ -9,16 +9,21 @@ directory as it was, and a resumed run records its settings beside the original 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ekd_ddnn.errors import UserError
+from ekd_ddnn.run.checkpoint import read_checkpoint
+from ekd_ddnn.run.checks import changed_settings
 from ekd_ddnn.run.files import write_text_atomically
+
+log = logging.getLogger(__name__)
 
 LOCK = ".lock"
 RECORD = ".hydra"
@@ -102,3 +107,35 @@ def write_record(cfg: DictConfig, run_dir: str | Path, *, resumed: bool = False)
         folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task))
     )
     return folder
+
+
+def check_resumed_settings(cfg: DictConfig) -> None:
+    """A resumed run trains what the run trained: the network, loss, optimizer, schedule,
+    data and seed must match the ones stored in its last checkpoint."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    stored = (read_checkpoint(last).get("hyper_parameters") or {}).get("config")
+    if not stored:
+        return  # written before configs were stored: nothing to compare with
+    refused, allowed = changed_settings(stored, OmegaConf.to_container(cfg, resolve=True))
+    if refused:
+        raise UserError(
+            f"resume={cfg.paths.output_dir} would change what the run trains: "
+            f"{'; '.join(refused)}; resume without those overrides, or start a new run"
+        )
+    if allowed:
+        log.info("resuming with changed settings: %s", "; ".join(allowed))
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to continue from (``resume``: the run's ``last.ckpt``), continuing its
+    W&B run under the same id."""
+    if not cfg.get("resume"):
+        return cfg.get("ckpt_path")
+    out = Path(cfg.paths.output_dir)
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    previous = sorted(out.glob("wandb/*run-*"))
+    if wandb is not None and wandb.get("id") is None and previous:
+        with open_dict(cfg):  # continue the same W&B run
+            wandb.id = previous[-1].name.rsplit("-", 1)[-1]
+            wandb.resume = "allow"
+    return cfg.get("ckpt_path") or str(out / "checkpoints" / "last.ckpt")
