@@ -188,10 +188,11 @@ def test_recalibrate_bn_in_evaluate_and_export(best, tmp_path):
         "evaluate", [f"ckpt_path={best}", "recalibrate_bn=96", "speed.enabled=false"], tmp_path
     )
     rows, built = evaluate(cfg)
-    evaluated = built["module"].net.state_dict()
+    (evaluated_net,) = built["evaluated"]  # one pass: every depth of the net
+    evaluated = evaluated_net.state_dict()
     assert sorted(evaluated) == sorted(by_hand.state_dict())
     assert all(torch.equal(evaluated[k], v) for k, v in by_hand.state_dict().items())
-    assert "BatchNorm recalibrated on 96 images" in (tmp_path / "results.md").read_text()
+    assert "BatchNorm re-estimated from 96 images" in (tmp_path / "results.md").read_text()
     assert [r["name"] for r in rows] == by_hand.names
 
     out = tmp_path / "resnet14.pt"

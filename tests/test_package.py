@@ -23,7 +23,7 @@ from tests.conftest import REPO
 
 SCRIPTS = {
     f"ekd-{name}": f"ekd_ddnn.{name}:cli"
-    for name in ["train", "evaluate", "export", "study", "aggregate", "summary"]
+    for name in ["train", "evaluate", "export", "select", "study", "aggregate", "summary"]
 }
 TABLE2_RESNET50 = "| resnet50 | [3,4,6,3] | 25.6M | 4.09G |"
 SRC = REPO / "src"

@@ -175,7 +175,12 @@ def test_wandb_api_key_never_written(tmp_path):
 # (module, arguments, exit code, start of the one-line message); {ckpt}, {tmp}, {cifar} and
 # {weights} are filled in per test. docs/errors.md lists every row with its message.
 CATALOGUE = [
-    ("train", ["experiment=nope"], 1, "unknown experiment 'nope'; choose one of: cifar100_r56,"),
+    (
+        "train",
+        ["experiment=nope"],
+        1,
+        "unknown experiment 'nope'; choose one of: cifar100_r20_r14, cifar100_r32_r20,",
+    ),
     ("train", ["model=resnet51"], 1, "unknown model 'resnet51'; choose one of: cifar_resnet110,"),
     (
         "train",
@@ -230,7 +235,7 @@ CATALOGUE = [
         "study",
         ["study=nope"],
         1,
-        "unknown study 'nope'; choose one of: cifar100_r56, cifar10_subset_r20, imagenet_r50, smoke",
+        "unknown study 'nope'; choose one of: cifar100_r56, cifar10_subset_r20, cifar10_subset_r20_lattice, imagenet_r50, smoke",
     ),
     (
         "study",

@@ -68,7 +68,7 @@ def evaluate_rows(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     trained, trained_stats = checkpoint_depths(ckpt, net)
     spec = cfg.depths if isinstance(cfg.depths, str) else OmegaConf.to_container(cfg.depths)
     depths = choose_depths(net, trained, spec, max_depths=cfg.max_depths, seed=cfg.seed)
-    rows = evaluate_depths(
+    rows, nets = evaluate_depths(
         net,
         depths,
         datamodule,
@@ -80,7 +80,7 @@ def evaluate_rows(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
         seed=cfg.seed,
         trained_stats=trained_stats,
     )
-    return rows, {"net": net, "datamodule": datamodule, "depths": depths}
+    return rows, {"net": net, "evaluated": nets, "datamodule": datamodule, "depths": depths}
 
 
 def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:

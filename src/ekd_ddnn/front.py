@@ -107,9 +107,10 @@ def evaluate_depths(
     per_pass: int,
     seed: int = 0,
     trained_stats: bool = True,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[DepthDynamicNet]]:
     """One row per depth (full-net first): name, blocks, params, MACs, top-1/top-5 error,
-    whether it was trained, and the images its BatchNorm statistics were re-estimated from.
+    whether it was trained, and the images its BatchNorm statistics were re-estimated from;
+    and the nets evaluated (one per pass, with those statistics).
 
     The depths run ``per_pass`` at a time through the prefix tree (each shared block once).
     ``recalibrate``: ``auto`` re-estimates (from up to 2048 training images) the depths
@@ -124,11 +125,13 @@ def evaluate_depths(
         stale, num_images, at_most = list(depths), int(recalibrate), False
     chunks = [list(depths[i : i + per_pass]) for i in range(0, len(depths), per_pass)]
     metrics: dict[Depth, dict[str, float]] = {}
+    parts = []
     used, seconds = 0, 0.0
     for k, chunk in enumerate(chunks):
         if len(chunks) > 1:
             log.info("depths %d-%d of %d", k * per_pass + 1, k * per_pass + len(chunk), len(depths))
         part = net.with_depths(chunk)
+        parts.append(part)
         redo = [d for d in part.depths if d in stale]
         if num_images and redo:
             start = time.perf_counter()
@@ -169,7 +172,7 @@ def evaluate_depths(
         row["bn_images"] = used if (num_images and depth in stale) else 0
         if size != net.config["image_size"]:
             row["image_size"] = size
-    return pareto_flags(rows)
+    return pareto_flags(rows), parts
 
 
 def pareto_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
