@@ -108,6 +108,19 @@ def export_depth(
     }
 
 
+def export_from_checkpoint(
+    ckpt: dict, net: DepthDynamicNet, depth: Sequence[int], out: str | Path, *, cfg: DictConfig,
+    fmt: str, overwrite: bool | None = None,
+) -> dict:  # fmt: skip
+    """Export ``depth`` of a checkpoint's net with the BatchNorm statistics ``cfg``'s
+    ``recalibrate_bn`` gives it (re-estimated on ``cfg.data`` or the checkpoint's data)."""
+    ready, _ = depth_ready(
+        ckpt, net, tuple(depth), cfg.recalibrate_bn, data=cfg.get("data"), seed=cfg.seed
+    )
+    overwrite = cfg.overwrite if overwrite is None else overwrite
+    return export_depth(ready, depth, out, fmt=fmt, overwrite=overwrite)
+
+
 def check_export_config(cfg: DictConfig) -> None:
     """What export can refuse before it reads the checkpoint: arguments and the output path."""
     for key in ("ckpt_path", "depth", "out"):
@@ -127,16 +140,7 @@ def main(cfg: DictConfig) -> None:
     ckpt = load_checkpoint(cfg.ckpt_path)
     net = net_from_checkpoint(ckpt, cfg.ckpt_path)
     blocks = net.depth_of(depth)  # a trained depth's name, or any depth's block counts
-    net, _ = depth_ready(
-        ckpt,
-        net,
-        blocks,
-        cfg.recalibrate_bn,
-        data=cfg.get("data"),
-        seed=cfg.seed,
-    )
-    depth = blocks
-    info = export_depth(net, depth, cfg.out, fmt=cfg.format, overwrite=cfg.overwrite)
+    info = export_from_checkpoint(ckpt, net, blocks, cfg.out, cfg=cfg, fmt=cfg.format)
     print(
         f"exported {info['name']} {info['blocks']} ({info['params'] / 1e6:.2f}M params) as "
         f"{info['format']} to {info['path']} ({info['bytes'] / 1e6:.2f} MB)"

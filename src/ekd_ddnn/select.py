@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import check_evaluate_config, evaluate_rows
-from ekd_ddnn.export import FORMATS, check_out, export_depth
-from ekd_ddnn.front import default_device, depth_ready, pick_for_budget
+from ekd_ddnn.export import FORMATS, check_out, export_from_checkpoint
+from ekd_ddnn.front import default_device, pick_for_budget
 from ekd_ddnn.results import format_macs, format_params, read_results
 from ekd_ddnn.run.checkpoint import load_checkpoint, net_from_checkpoint
 from ekd_ddnn.run.cli import command, run_app
@@ -77,18 +77,10 @@ def select(cfg: DictConfig) -> dict[str, Any]:
                                 "batch_size": cfg.speed.batch_size}  # fmt: skip
     selection["bn_images"] = chosen.get("bn_images", 0)
     if cfg.export.format:
-        blocks = tuple(chosen["blocks"])
-        ready, _ = depth_ready(
-            ckpt,
-            net,
-            blocks,
-            cfg.recalibrate_bn,
-            data=cfg.get("data"),
-            seed=cfg.seed,
-        )
-        info = export_depth(
-            ready, blocks, cfg.export.out, fmt=cfg.export.format, overwrite=cfg.export.overwrite
-        )
+        info = export_from_checkpoint(
+            ckpt, net, chosen["blocks"], cfg.export.out, cfg=cfg, fmt=cfg.export.format,
+            overwrite=cfg.export.overwrite,
+        )  # fmt: skip
         selection["export"] = {k: info[k] for k in ("format", "path", "bytes")}
     out = Path(cfg.paths.output_dir) / "selection.json"
     write_text_atomically(out, json.dumps(selection, indent=2) + "\n")
