@@ -217,9 +217,10 @@ def _unknown_key_message(cfg_keys: DictConfig | None, full_key: str) -> str:
     if isinstance(cfg_keys, DictConfig):
         node = OmegaConf.select(cfg_keys, parent) if parent else cfg_keys
         if isinstance(node, DictConfig):
-            close = difflib.get_close_matches(leaf, [str(k) for k in node], n=1)
+            keys = {str(k).lower(): str(k) for k in node}  # case too: ekd.W -> ekd.w
+            close = difflib.get_close_matches(leaf.lower(), list(keys), n=1)
             if close:
-                hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+                hint = f"; did you mean {parent + '.' if parent else ''}{keys[close[0]]}?"
     return (
         f"unknown key {full_key}{hint} (to add a new key on purpose: +{full_key}=...)"
         if hint
