@@ -191,17 +191,12 @@ def pareto_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-BUDGET_KEYS = {"macs": "macs", "params": "params", "latency_ms": "latency_ms"}
+BUDGET_KEYS = ("macs", "params", "latency_ms")
 
 
-def pick_for_budget(
-    rows: Sequence[Mapping[str, Any]], budget: Mapping[str, float | None]
-) -> Mapping[str, Any]:
-    """The depth with the lowest top-1 error among those within every given budget (a row
-    must hold each budgeted key); ties go to the cheaper depth (MACs, then params).
-
-    An impossible budget raises one line naming the cheapest depth and its costs.
-    """
+def check_budget(budget: Mapping[str, Any]) -> dict[str, float]:
+    """The budgets given (``None`` entries dropped): known keys, positive numbers, at least
+    one; else one line."""
     limits = {key: value for key, value in budget.items() if value is not None}
     unknown = sorted(set(limits) - set(BUDGET_KEYS))
     if unknown:
@@ -213,6 +208,18 @@ def pick_for_budget(
     for key, value in limits.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise UserError(f"budget.{key} must be a positive number, got {value!r}")
+    return limits
+
+
+def pick_for_budget(
+    rows: Sequence[Mapping[str, Any]], budget: Mapping[str, float | None]
+) -> Mapping[str, Any]:
+    """The depth with the lowest top-1 error among those within every given budget (a row
+    must hold each budgeted key); ties go to the cheaper depth (MACs, then params).
+
+    An impossible budget raises one line naming the cheapest depth and its costs.
+    """
+    limits = check_budget(budget)
     candidates = [r for r in rows if r.get("top1_err") is not None]
     fits = [
         r for r in candidates if all(r.get(k) is not None and r[k] <= v for k, v in limits.items())

@@ -22,7 +22,7 @@ from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import check_evaluate_config, evaluate_rows
 from ekd_ddnn.export import FORMATS, check_out, export_from_checkpoint
-from ekd_ddnn.front import default_device, pick_for_budget
+from ekd_ddnn.front import check_budget, default_device, pick_for_budget
 from ekd_ddnn.results import format_macs, format_params, read_results
 from ekd_ddnn.run.checkpoint import load_checkpoint, net_from_checkpoint
 from ekd_ddnn.run.cli import command, run_app
@@ -101,17 +101,7 @@ def select(cfg: DictConfig) -> dict[str, Any]:
 def check_select_config(cfg: DictConfig) -> None:
     """What selection can refuse before it evaluates anything."""
     check_evaluate_config(cfg)
-    budget = OmegaConf.to_container(cfg.budget)
-    for key, value in budget.items():
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
-        ):
-            raise UserError(f"budget.{key} must be a positive number, got {value!r}")
-    if all(v is None for v in budget.values()):
-        raise UserError(
-            "give a budget: budget.macs=<count>, budget.params=<count> or budget.latency_ms=<ms> "
-            "(several must all hold)"
-        )
+    check_budget(OmegaConf.to_container(cfg.budget))
     if cfg.export.format:
         if cfg.export.format not in FORMATS:
             raise UserError(
