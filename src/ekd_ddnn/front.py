@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch import Trainer
 
-from ekd_ddnn.calibration import recalibrate_bn
+from ekd_ddnn.calibration import calibration_batches, recalibrate_bn
 from ekd_ddnn.data.base import ImageDataModule
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.losses import EKDLoss
@@ -127,17 +127,28 @@ def evaluate_depths(
     metrics: dict[Depth, dict[str, float]] = {}
     parts = []
     used, seconds = 0, 0.0
+    batches: list = []
+    if num_images:  # drawn once for every pass: the same images for every depth
+        device = next(net.parameters()).device
+        drawn = calibration_batches(datamodule, num_images, seed, at_most=at_most)
+        batches = [b.to(device) for b in drawn]
+        used = sum(len(b) for b in batches)
+    base = net
+    if len(chunks) > 1 and num_images and net.full_depth in stale:
+        # every pass holds the full-net: re-estimate its statistics once, not once per pass
+        base = net.with_depths([])
+        start = time.perf_counter()
+        base.recalibrate_bn_stats(batches)
+        seconds += time.perf_counter() - start
     for k, chunk in enumerate(chunks):
         if len(chunks) > 1:
             log.info("depths %d-%d of %d", k * per_pass + 1, k * per_pass + len(chunk), len(depths))
-        part = net.with_depths(chunk)
+        part = base.with_depths(chunk)
         parts.append(part)
-        redo = [d for d in part.depths if d in stale]
+        redo = [d for d in part.depths if d in stale and (base is net or d != net.full_depth)]
         if num_images and redo:
             start = time.perf_counter()
-            used = recalibrate_bn(
-                part, datamodule, num_images, seed=seed, depths=redo, at_most=at_most
-            )
+            part.recalibrate_bn_stats(batches, redo)
             seconds += time.perf_counter() - start
         module = EKDModule(part, EKDLoss(mode="ddnn", w=0.0, a=0.0))
         trainer = make_trainer(enable_progress_bar=len(chunks) == 1)
