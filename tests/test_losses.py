@@ -9,34 +9,40 @@ import torch
 import torch.nn.functional as F
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.losses import EKDLoss, attention_map, attention_mse, distill_kl
+from ekd_ddnn.losses import EKDLoss, attention_maps
 from ekd_ddnn.models import build_net
 
 
-def test_attention_map_by_hand():
-    """A = sum over channels, flattened, divided by its L2 norm per sample."""
+def test_attention_maps_by_hand():
+    """A = sum over channels, flattened, divided by its L2 norm per sample; a bf16 map is
+    summed with float32 accumulation."""
     feature = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # (1, 2, 1, 2)
     expected = torch.tensor([[4.0, 6.0]]) / math.sqrt(16 + 36)
-    torch.testing.assert_close(attention_map(feature), expected)
+    torch.testing.assert_close(attention_maps([feature])[0], expected)
+    maps = attention_maps([feature, feature * 2, feature])  # a shared tensor: summed once
+    assert maps.shape == (3, 1, 2)
+    torch.testing.assert_close(maps, expected.expand(3, 1, 2))
+    wide = torch.ones(1, 512, 1, 2, dtype=torch.bfloat16)
+    wide[0, :, 0, 0] = 1.0 + 2**-7  # channel sums 516 and 512: 516 needs 10 bits, bf16 has 8
+    maps = attention_maps([wide])
+    assert maps.dtype == torch.float32
+    assert (maps[0, 0, 0] / maps[0, 0, 1]).item() == pytest.approx(516 / 512, rel=1e-6)
 
 
-def test_distill_kl_by_hand():
+def test_kl_by_hand():
     """KL(p_t || softmax(s)) for p_t = [.5, .5] and q = [.25, .75]; T^2 scaling at T = 2."""
-    teacher = torch.tensor([[0.5, 0.5]])
+    teacher = torch.tensor([[0.0, 0.0]])  # softmax [.5, .5] at any temperature
     student = torch.tensor([[0.0, math.log(3.0)]])
+    feats = [[torch.ones(1, 1, 1, 1)]] * 2
+    y = torch.tensor([0])
+    kl = EKDLoss(ensemble=False).terms([teacher, student], feats, y).kl
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
-    assert distill_kl(teacher, student).item() == pytest.approx(expected, rel=1e-6)
+    assert kl[0] is None and kl[1].item() == pytest.approx(expected, rel=1e-6)
     # T = 2: q = softmax([0, ln 3] / 2) = [1, sqrt 3] / (1 + sqrt 3); KL scaled by 4
     q = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
     expected_t2 = 4 * sum(0.5 * math.log(0.5 / qi) for qi in q)
-    assert distill_kl(teacher, student, 2.0).item() == pytest.approx(expected_t2, rel=1e-6)
-
-
-def test_attention_mse_is_mean_over_stages():
-    """MSE per stage (mean over batch and positions), then mean over stages."""
-    s = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 2.0]])]
-    t = [torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 0.0]])]
-    assert attention_mse(s, t).item() == pytest.approx((0.5 + 1.0) / 2)
+    kl = EKDLoss(ensemble=False, temperature=2.0).terms([teacher, student], feats, y).kl
+    assert kl[1].item() == pytest.approx(expected_t2, rel=1e-6)
 
 
 def _softmax(row):
@@ -285,3 +291,96 @@ def test_differing_on_a_real_prefix_tree():
     torch.testing.assert_close(differing.mse[1], m[1][2], rtol=1e-12, atol=0)
     torch.testing.assert_close(every.mse[1], differing.mse[1] / 3, rtol=1e-12, atol=0)
     torch.testing.assert_close(differing.mse[0], m[0][2], rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------- one depth at a time
+def _reference_terms(loss, logits, features, targets):
+    """The loss computed one depth at a time (the implementation before the depths were
+    stacked): the stacked loss must equal it, values and gradients."""
+    temperature = loss.temperature
+    ce = [F.cross_entropy(lg, targets) for lg in logits]
+    total = ce[0] + (torch.stack(ce[1:]).mean() if len(logits) > 1 else 0.0)
+    if not loss.distills:
+        return total, ce, [], []
+
+    def kl_of(teacher, student):
+        log_student = F.log_softmax(student / temperature, dim=1)
+        return F.kl_div(log_student, teacher, reduction="batchmean") * temperature**2
+
+    def mse_of(students, teachers, stages):
+        if not stages:
+            return students[0].new_zeros(())
+        return torch.stack([F.mse_loss(students[s], teachers[s]) for s in stages]).mean()
+
+    every = list(range(len(features[0])))
+    own = [[s for s in every if f[s] is not features[0][s]] for f in features]
+    own[0] = [s for s in every if any(s in stages for stages in own[1:])]
+    stages = own if loss.attention_stages == "differing" else [every] * len(features)
+    probs = [F.softmax(lg / temperature, dim=1) for lg in logits]
+    maps = [[F.normalize(f.sum(dim=1).flatten(1), dim=1) for f in fs] for fs in features]
+    kl = [
+        kl_of(
+            probs[0].detach(),
+            logits[k],
+        )
+        for k in range(1, len(logits))
+    ]
+    mse = [mse_of(maps[k], [m.detach() for m in maps[0]], stages[k]) for k in range(1, len(logits))]
+    if loss.ensemble:
+        ensemble_probs = torch.stack(probs).mean(dim=0).detach()
+        ensemble_maps = [torch.stack(m).mean(dim=0).detach() for m in zip(*maps, strict=True)]
+        kl.insert(0, kl_of(ensemble_probs, logits[0]))
+        mse.insert(0, mse_of(maps[0], ensemble_maps, stages[0]))
+    total = total + (loss.w * sum(kl) + loss.a * sum(mse)) / len(logits)
+    return total, ce, kl, mse
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"temperature": 3.0, "w": 0.3, "a": 7.0},
+        {"ensemble": False},
+        {"attention_stages": "differing"},
+        {"attention_stages": "differing", "ensemble": False, "temperature": 0.5},
+        {"mode": "ddnn"},
+    ],
+    ids=["default", "temperature", "no_ensemble", "differing", "differing_no_ens", "ddnn"],
+)
+@pytest.mark.parametrize("shared", ["none", "prefix", "all"])
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
+    """float64: every term, the total and the gradients of every logit and feature map equal
+    the per-depth computation to 1e-6 (relative), with stage outputs shared between depths
+    as the prefix tree returns them (``prefix``: stage 1 shared by all, stage 2 by sub-net 1;
+    ``all``: every stage of sub-net 1 is the full-net's)."""
+    logits, feats, y = _float64_outputs(seed=k, shapes=((3, 4, 4), (4, 2, 2), (2, 2, 2)), k=k)
+    if k and shared == "prefix":
+        for f in feats[1:]:
+            f[0] = feats[0][0]
+        feats[1][1] = feats[0][1]
+    if k and shared == "all":
+        feats[1] = list(feats[0])
+    leaves = [*logits, *{id(f): f for fs in feats for f in fs}.values()]
+    for t in leaves:
+        t.requires_grad_()
+    loss = EKDLoss(**kwargs)
+    got = loss.terms(logits, feats, y)
+    want_total, want_ce, want_kl, want_mse = _reference_terms(loss, logits, feats, y)
+    grads = torch.autograd.grad(got.total, leaves, allow_unused=True)
+    want_grads = torch.autograd.grad(want_total, leaves, allow_unused=True)
+    close = {"rtol": 1e-6, "atol": 1e-12}
+    torch.testing.assert_close(got.total, want_total, **close)
+    torch.testing.assert_close(torch.stack(got.ce), torch.stack(want_ce), **close)
+    if loss.distills:
+        assert len([t for t in got.kl if t is not None]) == len(want_kl)
+        for values, want in ((got.kl_per_depth, want_kl), (got.mse_per_depth, want_mse)):
+            want = torch.stack(want) if want else values.new_zeros(0)  # K = 0, no ensemble
+            torch.testing.assert_close(values, want, **close)
+    else:
+        assert got.kl == got.mse == [None] * (k + 1)
+    for g, w in zip(grads, want_grads, strict=True):
+        if w is None or g is None:  # a leaf only one side reaches has a zero gradient there
+            assert (g if w is None else w) is None or (g if w is None else w).abs().max() < 1e-12
+            continue
+        torch.testing.assert_close(g, w, **close)

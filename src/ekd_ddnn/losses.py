@@ -18,6 +18,8 @@ formula) or are left out (``differing``).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,50 +32,61 @@ from ekd_ddnn.errors import UserError
 MODES = ("individual", "ddnn", "ekd")
 SAMPLINGS = ("fixed", "lattice")
 ATTENTION_STAGES = ("all", "differing")
+_EPS = 1e-12  # F.normalize's
 
 
-def attention_map(feature: Tensor) -> Tensor:
-    """``norm(A)``: the channel-sum map of ``feature`` (B, C, H, W), flattened to (B, H*W)
-    and divided by its L2 norm per sample."""
-    return F.normalize(feature.sum(dim=1).flatten(1), dim=1)
+def attention_maps(features: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """``norm(A) * scale`` of each of ``features`` (B, C, H, W) of one stage, stacked:
+    (len, B, H*W).
 
-
-def distill_kl(teacher_probs: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``T^2 * KL(teacher || softmax(student / T))``, mean over the batch.
-
-    ``teacher_probs`` (B, classes) is used as given: detach it at the call site.
+    The channel-sum map, flattened, divided by its L2 norm per sample (as ``F.normalize``,
+    with ``x * rsqrt(max(|x|^2, eps^2))``: its backward is a few products, where the norm's
+    masks out zero norms at several times the cost). Channels are summed with at least
+    float32 accumulation, so a bf16 map is never upcast to a float32 copy; a tensor given
+    twice (depths sharing a stage output) is summed once.
     """
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
-
-
-def attention_mse(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -> Tensor:
-    """Mean over stages of the element-wise MSE between normalised attention maps."""
-    losses = [F.mse_loss(s, t) for s, t in zip(student_maps, teacher_maps, strict=True)]
-    return torch.stack(losses).mean()
-
-
-def _stage_mse(
-    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], stages: Sequence[int]
-) -> Tensor:
-    """:func:`attention_mse` over ``stages`` only; 0 where ``stages`` is empty."""
-    if not stages:
-        return student_maps[0].new_zeros(())
-    return attention_mse([student_maps[s] for s in stages], [teacher_maps[s] for s in stages])
+    sums: dict[int, Tensor] = {}
+    for f in features:
+        if id(f) not in sums:
+            accumulate = torch.promote_types(f.dtype, torch.float32)
+            sums[id(f)] = f.sum(dim=1, dtype=None if f.dtype == accumulate else accumulate)
+    maps = torch.stack([sums[id(f)] for f in features]).flatten(2)
+    squared_norms = maps.pow(2).sum(dim=-1, keepdim=True).clamp_min(_EPS**2)
+    return maps * (squared_norms * scale**-2).rsqrt()
 
 
 @dataclass
 class EKDTerms:
-    """Every term of one EKD loss evaluation; index 0 is the full-net, 1..K the sub-nets.
+    """Every term of one EKD loss evaluation, one entry per depth, full-net first.
 
-    ``kl[0]``/``mse[0]`` are the ensemble terms ``KL_t``/``MSE_t``; an entry is ``None`` where
-    the mode or the ensemble switch leaves the term out.
+    ``ce_per_depth`` (D,) holds ``CE_t, CE_1..CE_K``; ``kl_per_depth`` / ``mse_per_depth``
+    hold ``KL_t, KL_1..KL_K`` (without the ensemble terms: ``KL_1..KL_K`` only), or are None
+    where the mode computes no distillation. The list views put ``None`` where a term is left
+    out.
     """
 
     total: Tensor
-    ce: list[Tensor]
-    kl: list[Tensor | None]
-    mse: list[Tensor | None]
+    ce_per_depth: Tensor
+    kl_per_depth: Tensor | None = None
+    mse_per_depth: Tensor | None = None
+
+    @property
+    def ce(self) -> list[Tensor]:
+        return list(self.ce_per_depth.unbind())
+
+    @property
+    def kl(self) -> list[Tensor | None]:
+        return self._listed(self.kl_per_depth)
+
+    @property
+    def mse(self) -> list[Tensor | None]:
+        return self._listed(self.mse_per_depth)
+
+    def _listed(self, values: Tensor | None) -> list[Tensor | None]:
+        depths = len(self.ce_per_depth)
+        if values is None:
+            return [None] * depths
+        return [None] * (depths - len(values)) + list(values.unbind())
 
 
 @dataclass
@@ -156,39 +169,85 @@ class EKDLoss:
             features: K+1 lists of per-stage outputs (B, C_s, H_s, W_s), full-net first.
             targets: class indices (B,).
         """
-        num_subnets = len(logits) - 1
-        if self.mode == "individual" and num_subnets:
-            raise ValueError(f"mode 'individual' trains one net, got {len(logits)} outputs")
-        ce = [F.cross_entropy(lg, targets) for lg in logits]
-        total = ce[0] + (torch.stack(ce[1:]).mean() if num_subnets else 0.0)
-        kl: list[Tensor | None] = [None] * len(logits)
-        mse: list[Tensor | None] = [None] * len(logits)
+        depths = len(logits)
+        if self.mode == "individual" and depths > 1:
+            raise ValueError(f"mode 'individual' trains one net, got {depths} outputs")
+        # Every term is computed on the depths stacked along a leading axis: a few kernels per
+        # loss rather than a few per depth (the GPU step is bound by kernel launches).
+        stacked = torch.stack(list(logits))  # (D, B, classes)
+        log_probs = F.log_softmax(stacked, dim=-1)
+        picked = log_probs.gather(-1, targets.view(1, -1, 1).expand(depths, -1, 1))
+        ce = -picked.mean(dim=(1, 2))
+        total = ce[0] + ce[1:].mean() if depths > 1 else ce[0]
         if not self.distills:
-            return EKDTerms(total, ce, kl, mse)
-
-        probs = [F.softmax(lg / self.temperature, dim=1) for lg in logits]
-        maps = [[attention_map(f) for f in stage_features] for stage_features in features]
-        teacher_probs = probs[0].detach()
-        teacher_maps = [m.detach() for m in maps[0]]
-        stages = self._mse_stages(features)
-        for k in range(1, len(logits)):
-            kl[k] = distill_kl(teacher_probs, logits[k], self.temperature)
-            mse[k] = _stage_mse(maps[k], teacher_maps, stages[k])
-        if self.ensemble:
-            ensemble_probs = torch.stack(probs).mean(dim=0).detach()
-            ensemble_maps = [torch.stack(m).mean(dim=0).detach() for m in zip(*maps, strict=True)]
-            kl[0] = distill_kl(ensemble_probs, logits[0], self.temperature)
-            mse[0] = _stage_mse(maps[0], ensemble_maps, stages[0])
-        scale = 1.0 / (num_subnets + 1)
-        total = total + self.w * scale * sum(t for t in kl if t is not None)
-        total = total + self.a * scale * sum(t for t in mse if t is not None)
+            return EKDTerms(total, ce)
+        kl = self._kl(stacked, log_probs)
+        mse = self._mse(features)
+        scale = 1.0 / depths
+        total = total + self.w * scale * kl.sum() + self.a * scale * mse.sum()
         return EKDTerms(total, ce, kl, mse)
 
-    def _mse_stages(self, features: Sequence[Sequence[Tensor]]) -> list[list[int]]:
-        """The stage indices each MSE term averages over; index 0 is ``MSE_t``."""
-        every = list(range(len(features[0])))
+    def _teachers(self, values: Tensor) -> Tensor:
+        """The teacher of each student row of ``values`` (D, ...), detached: the depths'
+        mean for the full-net (with the ensemble terms), then the full-net for each sub-net."""
+        values = values.detach()
+        full = values[:1].expand(len(values) - 1, *values.shape[1:])
+        if not self.ensemble:
+            return full
+        return torch.cat([values.mean(dim=0, keepdim=True), full])
+
+    def _students(self, values: Tensor | list) -> Tensor | list:
+        """The rows of ``values`` (one per depth) that have a teacher: all, or the sub-nets'
+        alone without the ensemble terms."""
+        return values if self.ensemble else values[1:]
+
+    def _kl(self, stacked: Tensor, log_probs: Tensor) -> Tensor:
+        """``T^2 KL(teacher || student)`` per student, mean over the batch, from the stacked
+        logits (``log_probs``: their log-softmax at ``T = 1``, reused where ``T = 1``)."""
+        if self.temperature != 1:
+            log_probs = F.log_softmax(stacked / self.temperature, dim=-1)
+        teachers = self._teachers(log_probs.exp())
+        pointwise = F.kl_div(self._students(log_probs), teachers, reduction="none")
+        return pointwise.sum(dim=(1, 2)) * (self.temperature**2 / log_probs.shape[1])
+
+    def _mse(self, features: Sequence[Sequence[Tensor]]) -> Tensor:
+        """``MSE_t, MSE_1..MSE_K`` (sub-nets only without the ensemble terms): per student
+        the mean over its stages (``attention_stages``) of the attention maps' MSE.
+
+        The stages' maps are scaled by ``1/sqrt(B * H_s W_s)`` and joined along the pixels,
+        so one difference and one sum give every depth's sum over stages of the per-stage
+        MSE. A stage whose output every depth shares adds exactly zero for the sub-nets (and
+        a rounding-level zero for ``MSE_t``), so it is not computed; it still counts in the
+        mean over stages with ``all``, as in the paper's formula.
+        """
+        stages = range(len(features[0]))
+        full = features[0]
+        differs = [[f[s] is not full[s] for s in stages] for f in features]
+        computed = [s for s in stages if any(d[s] for d in differs[1:])]
+        if not computed:
+            dtype = torch.promote_types(full[0].dtype, torch.float32)
+            return full[0].new_zeros(len(self._students(features)), dtype=dtype)
+        joined = torch.cat(
+            [
+                attention_maps([f[s] for f in features], 1 / math.sqrt(_batch_pixels(full[s])))
+                for s in computed
+            ],
+            dim=-1,
+        )
+        sums = (self._students(joined) - self._teachers(joined)).pow(2).sum(dim=(1, 2))
         if self.attention_stages == "all":
-            return [every] * len(features)
-        own = [[s for s in every if f[s] is not features[0][s]] for f in features]
-        own[0] = [s for s in every if any(s in stages for stages in own[1:])]
-        return own
+            return sums / len(stages)
+        counts = [len(computed)] + [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
+        return sums / _constant(tuple(self._students(counts)), sums.device, sums.dtype)
+
+
+def _batch_pixels(feature: Tensor) -> int:
+    """``B * H * W`` of a (B, C, H, W) feature map: the element count of its attention map."""
+    return feature.shape[0] * math.prod(feature.shape[2:])
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` as a tensor on ``device``, built once per pattern: a host-to-device copy in
+    every step would wait for the GPU's queue."""
+    return torch.tensor(values, device=device, dtype=dtype)
