@@ -393,50 +393,86 @@ def test_channels_last_equals_default_layout(arch, subnets, size):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
-def test_compiled_depths_equal_eager_and_compile_once_per_mode():
-    """torch.compile of the multi-depth forward: the same logits, losses and gradients as eager
-    (Dynamo's graphs run through a counting backend: inductor's code generation is for the GPU
-    bench), one graph for every training step, one for eval, one once the batch size changes."""
+def _lattice_sets(net, count, seed=0):
+    """``count`` different training depth sets of ``net``'s lattice (full, smallest, 2 drawn),
+    none of them the net's own."""
+    from ekd_ddnn.sampling import sample_depths
+
+    sets = [net.depths]
+    for step in range(100):
+        drawn = sample_depths(net.lattice(), 2, seed=seed, step=step)
+        if drawn not in sets:
+            sets.append(drawn)
+    return sets[1 : count + 1]
+
+
+@pytest.mark.parametrize("bn_stats", ["shared", "private"])
+def test_compiled_blocks_equal_eager_and_never_recompile_for_new_depths(bn_stats):
+    """Regional compilation (each block compiled on its own): losses, updated weights, BN
+    statistics and eval logits equal eager to 1e-6 (Dynamo's graphs run through a counting
+    backend: inductor's kernels are for the GPU bench). The graphs are made by the first
+    training step and the first evaluations; training and evaluating other sets of depths
+    (the lattice's, drawn per step) makes none."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = build_net("cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], image_size=8)
+    eager = build_net(
+        "cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], image_size=8, bn_stats=bn_stats
+    )
     compiled = copy.deepcopy(eager)
     counter = CompileCounter()
-    compiled.compile_depths(backend=counter)
+    compiled.compile_blocks(backend=counter)
     optims = [torch.optim.SGD(n.parameters(), lr=0.1) for n in (eager, compiled)]
-    for _ in range(3):
+    sets = [eager.depths] + _lattice_sets(eager, 4)
+    assert len({tuple(s) for s in sets}) == 5
+    graphs = []
+    for depths in sets:
         x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
         losses = []
         for net, opt in zip((eager, compiled), optims, strict=True):
             opt.zero_grad()
-            outs = net.train().forward_depths(x, net.depths)
+            outs = net.train().forward_depths(x, depths)
             loss = sum(F.cross_entropy(logits, y) for logits, _ in outs)
             loss.backward()
             opt.step()
             losses.append(loss)
         torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-        for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert counter.frame_count == 1  # not one per step
+        graphs.append(counter.frame_count)
+    # stem, head, and the block configurations: stage 1, each later stage's first and rest
+    assert graphs == [7] * 5, graphs
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    evaluated = [eager.depths] + ([] if bn_stats == "private" else _lattice_sets(eager, 3, 1))
     with torch.no_grad():
         for batch in (8, 8, 5, 3):
-            x = torch.randn(batch, 3, 8, 8)
-            for (a, _), (b, _) in zip(
-                eager.eval().forward_depths(x, eager.depths),
-                compiled.eval().forward_depths(x, compiled.depths),
-                strict=True,
-            ):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    assert counter.frame_count == 3  # + eval, + eval with a dynamic batch size
+            for depths in evaluated:
+                x = torch.randn(batch, 3, 8, 8)
+                for (a, _), (b, _) in zip(
+                    eager.eval().forward_depths(x, depths),
+                    compiled.eval().forward_depths(x, depths),
+                    strict=True,
+                ):
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            graphs.append(counter.frame_count)
+    # eval mode: 7 more; the first smaller batch: 7 more with a dynamic batch size, then none
+    assert graphs[5:] == [14, 14, 21, 21], graphs
     assert sorted(compiled.state_dict()) == sorted(eager.state_dict())
     torch._dynamo.reset()
 
 
 def test_build_net_compile_flag():
-    """model.compile=true compiles the multi-depth forward and records it in the config."""
+    """model.compile=true compiles every block on its own and records it with its mode."""
     net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], compile=True)
-    assert net.config["compile"] is True
-    assert hasattr(net.forward_depths, "_torchdynamo_orig_callable")
-    assert not hasattr(build_net("cifar_resnet20").forward_depths, "_torchdynamo_orig_callable")
+    assert net.config["compile"] is True and net.config["compile_mode"] == "default"
+    regions = [net.stem, *(b for stage in net.stages for b in stage), net.head]
+    assert all(r._compiled_call_impl is not None for r in regions)
+    assert net._compiled_call_impl is None  # the prefix tree itself stays Python
+    plain = build_net("cifar_resnet20")
+    assert all(m._compiled_call_impl is None for m in plain.modules())
+    with pytest.raises(UserError) as info:
+        build_net("cifar_resnet20", compile_mode="fast")
+    assert str(info.value) == (
+        "model.compile_mode must be one of default, max-autotune-no-cudagraphs, "
+        "reduce-overhead, got 'fast'"
+    )

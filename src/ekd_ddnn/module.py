@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ekd_ddnn.errors import DivergedError
+from ekd_ddnn.errors import DivergedError, UserError
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.optim import param_groups
@@ -80,6 +80,12 @@ class EKDModule(L.LightningModule):
         self.lattice = net.lattice() if loss.sampling == "lattice" else None
         if self.lattice is not None:
             check_num_sampled(self.lattice, loss.num_sampled)
+            if net.config.get("compile") and net.config.get("compile_mode") == "reduce-overhead":
+                raise UserError(
+                    "model.compile_mode=reduce-overhead records CUDA graphs for one set of depths "
+                    "and ekd.sampling=lattice draws a new set every step; use "
+                    "model.compile_mode=default or max-autotune-no-cudagraphs"
+                )
         self.save_hyperparameters(
             {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
         )

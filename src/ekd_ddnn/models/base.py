@@ -21,6 +21,7 @@ from ekd_ddnn.errors import InvalidDepthError
 
 Depth = tuple[int, ...]
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 _PRIVATE_KEY = re.compile(r"_d\d+$")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
 
@@ -130,15 +131,26 @@ class DepthDynamicNet(nn.Module):
                 bn.momentum = momentum
             self.train(training)
 
-    def compile_depths(self, **options) -> None:
-        """``torch.compile`` :meth:`forward_depths` (and so ``forward``) of this net.
+    def compile_blocks(self, mode: str = "default", **options: Any) -> None:
+        """``torch.compile`` the stem, every block and the head, each on its own (regional
+        compilation, as the PyTorch recipe does for transformer layers).
 
-        The prefix tree is plain Python over the depths, so Dynamo unrolls it into one graph
-        per set of depths called, per train/eval mode and grad mode: a training run makes
-        one for the training steps and one or two for validation (a smaller last batch makes
-        the batch size dynamic once), not one per step. State-dict keys stay unchanged.
+        A set of depths only chooses, in Python, which blocks run, so a new set of depths
+        (lattice sampling draws one every step) runs the graphs already made: nothing
+        recompiles. Blocks of equal configuration share one graph (per train/eval and grad
+        mode, and once more when the batch size first changes). ``mode``: ``default``,
+        ``max-autotune-no-cudagraphs`` or ``reduce-overhead`` (CUDA graphs per block: only
+        where the set of depths is fixed). ``options`` go to ``torch.compile`` (e.g. a
+        ``backend``, which then replaces ``mode``). State-dict keys stay unchanged; deep
+        copies run eager.
         """
-        self.forward_depths = torch.compile(self.forward_depths, **options)
+        regions = [self.stem, *(block for stage in self.stages for block in stage), self.head]
+        # every region shares nn.Module's call code, whose compiled entries Dynamo caps at
+        # recompile_limit (8 by default): allow each region its train/eval x batch-size graphs
+        limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
+        torch._dynamo.config.recompile_limit = limit
+        for region in regions:
+            region.compile(**({"mode": mode} if "backend" not in options else {}), **options)
 
     # ----------------------------------------------------------------- depths and names
     @property

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ekd_ddnn.errors import InvalidDepthError, UserError
-from ekd_ddnn.models.base import DepthDynamicNet
+from ekd_ddnn.models.base import COMPILE_MODES, DepthDynamicNet
 from ekd_ddnn.models.cifar_resnet import cifar_resnet
 from ekd_ddnn.models.imagenet_resnet import imagenet_resnet
 from ekd_ddnn.models.vgg import cifar_vgg
@@ -68,6 +68,7 @@ def build_net(
     bn_stats: str = "shared",
     channels_last: bool = False,
     compile: bool = False,
+    compile_mode: str = "default",
     min_blocks: int = 1,
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
@@ -80,7 +81,8 @@ def build_net(
     ``channels_last``: keep weights and activations in NHWC memory layout (faster convolutions
     with mixed precision on tensor-core GPUs); results equal the default layout's up to
     float rounding.
-    ``compile``: ``torch.compile`` the multi-depth forward (:meth:`DepthDynamicNet.compile_depths`).
+    ``compile``: ``torch.compile`` every block on its own, in ``compile_mode``
+    (:meth:`DepthDynamicNet.compile_blocks`).
     ``min_blocks``: the fewest blocks a stage keeps in the depth lattice
     (:meth:`DepthDynamicNet.lattice`).
     """
@@ -101,6 +103,10 @@ def build_net(
     num_classes = spec.num_classes if num_classes is None else num_classes
     if bn_stats not in ("shared", "private"):
         raise UserError(f"model.bn_stats must be 'shared' or 'private', got {bn_stats!r}")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(
+            f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}"
+        )
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     config = {
@@ -113,6 +119,7 @@ def build_net(
         "bn_stats": bn_stats,
         "channels_last": bool(channels_last),
         "compile": bool(compile),
+        "compile_mode": compile_mode,
         "min_blocks": int(min_blocks),
     }
     kwargs = dict(spec.kwargs)
@@ -134,5 +141,5 @@ def build_net(
     if channels_last:
         net.to(memory_format=torch.channels_last)
     if compile:
-        net.compile_depths()
+        net.compile_blocks(compile_mode)
     return net

@@ -207,6 +207,7 @@ RESUMABLE = (
     "data.eval_batch_size",
     "data.download",
     "model.compile",
+    "model.compile_mode",
     "model.channels_last",
     "model.weights_path",
 )
