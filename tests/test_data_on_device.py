@@ -353,3 +353,21 @@ def test_cifar_subset_trains_on_device(compose_train, tmp_path):
     assert labels.tolist() == [source.targets[i] for i in dm.train_set.indices]
     rows = json.loads((tmp_path / "results.json").read_text())
     assert [(r["name"], r["split"]) for r in rows] == [("resnet20", "val"), ("resnet14", "val")]
+
+
+def test_resume_of_a_run_recorded_before_on_device_existed():
+    """A run recorded without data.on_device ran with false: resuming it with today's config
+    (false) is no change; asking for true is refused as a change of what is trained."""
+    from ekd_ddnn.run.checks import changed_settings
+
+    stored = {"data": {"batch_size": 64}, "seed": 1}
+    assert changed_settings(
+        stored, {"data": {"batch_size": 64, "on_device": False}, "seed": 1}
+    ) == (
+        [],
+        [],
+    )
+    refused, _ = changed_settings(
+        stored, {"data": {"batch_size": 64, "on_device": True}, "seed": 1}
+    )
+    assert refused == ["data.on_device False -> True"]
