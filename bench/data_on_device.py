@@ -18,7 +18,7 @@ the same repeat. The images are random uint8 pixels written as CIFAR-10 files in
 folder (the data's content does not change the cost). The last line printed is one JSON
 object; ``preloaded_over_on_device`` is the target (>= 0.98).
 
-    python bench/data_on_device.py --num-images 2000 --batch-size 32 --steps 2 --repeats 5
+    python bench/data_on_device.py --num-images 5000 --batch-size 64 --steps 4 --workers 0
     python bench/data_on_device.py --device cuda
 """
 

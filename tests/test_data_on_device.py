@@ -316,15 +316,6 @@ def test_train_on_device_through_the_command_line(tmp_path):
     ]
 
 
-def test_unsupported_on_device_is_one_line_on_the_command_line(tmp_path):
-    """data=imagenet data.on_device=true: exit status 1 and the one-line error."""
-    result = run_cli(
-        "train", "data=imagenet", "data.on_device=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == f"error: {UNSUPPORTED}"
-
-
 @pytest.mark.slow
 def test_cifar_subset_trains_on_device(compose_train, tmp_path):
     """cifar10_r20 on the real subset with data.on_device=true: 3 steps fed by DeviceBatches
