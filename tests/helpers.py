@@ -81,3 +81,15 @@ class PoisonWeightsAtEpochStart(Callback):
 
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+class RecordTrainLoader(Callback):
+    """Write ``<run dir>/train_loader.txt``: the training loader's type and the device and
+    dtype of the first training batch (what a subprocess run fed its steps with)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            images, _ = batch
+            line = f"{type(trainer.train_dataloader).__name__} {images.device} {images.dtype}\n"
+            with open(os.path.join(trainer.default_root_dir, "train_loader.txt"), "w") as f:
+                f.write(line)

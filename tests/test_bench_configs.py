@@ -95,3 +95,17 @@ def test_saved_activation_memory_by_hand(step_cost):
     memory = step_cost.activation_memory(net, torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     assert memory["resnet14"] < memory["resnet20"] < memory["ekd"]
     assert memory["ekd"] < memory["resnet20"] + memory["resnet14"]
+
+
+def test_data_on_device_bench_runs_and_reports_its_ratios() -> None:
+    """bench/data_on_device.py on a tiny size: both ratios and its settings in the result."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        bench = importlib.import_module("data_on_device")
+    finally:
+        sys.path.remove(str(BENCH))
+    args = ["--num-images", "100", "--batch-size", "8", "--steps", "1", "--repeats", "2"]
+    result = bench.main([*args, "--warmup", "0", "--workers", "0"])
+    assert set(result) == {"preloaded_over_on_device", "preloaded_over_dataloader", "config"}
+    assert all(0 < result[k] < 100 for k in result if k != "config")
+    assert (result["config"]["batch_size"], result["config"]["num_images"]) == (8, 100)

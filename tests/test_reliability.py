@@ -411,6 +411,12 @@ CATALOGUE = [
         1,
         "cannot read image {bad_images}/train/cat/broken.png: ",
     ),
+    (
+        "train",
+        ["data=imagenet", "data.on_device=true"],
+        1,
+        "data.on_device=true is supported for cifar10, cifar100, digits, synthetic, not for ImageNetDataModule; set data.on_device=false",
+    ),
     ("evaluate", ["ckpt_path={ckpt}", "speed.repeats=0"], 1, "speed.repeats must be >= 1, got 0"),
     (
         "evaluate",

@@ -7,9 +7,13 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ekd_ddnn.data.device import Augmentation, DeviceBatches, EpochDraws
 from ekd_ddnn.errors import UserError
+
+ON_DEVICE_DATA = ("cifar10", "cifar100", "digits", "synthetic")  # data configs with on_device
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -33,8 +37,14 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
+        if on_device and type(self).device_split is ImageDataModule.device_split:
+            raise UserError(
+                f"data.on_device=true is supported for {', '.join(ON_DEVICE_DATA)}, not for "
+                f"{type(self).__name__}; set data.on_device=false"
+            )
         if batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
         if eval_batch_size is not None and eval_batch_size < 1:
@@ -48,6 +58,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.on_device = on_device
         self.train_collate: Callable | None = None  # batched training augmentation
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -79,8 +90,32 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def device_split(self) -> tuple[Tensor, Tensor, Augmentation]:
+        """The training split as stored, images (N, C, H, W) and labels (N,), and its
+        augmentation as batched operations: what ``on_device`` holds on the device."""
+        raise NotImplementedError(f"{type(self).__name__} has no on-device training split")
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """Shuffled, augmented training batches (``on_device``: computed on the device)."""
+        if not self.on_device:
+            return self._loader(self.train_set, train=True)
+        if self.train_set is None:
+            raise RuntimeError("call setup() before asking for a data loader")
+        images, labels, augmentation = self.device_split()
+        trainer = self.trainer
+        device, rank, world_size = torch.device("cpu"), 0, 1
+        if trainer is not None:  # each rank takes its own shard of the epoch's order
+            device, rank, world_size = (
+                trainer.strategy.root_device,
+                trainer.global_rank,
+                trainer.world_size,
+            )
+        # the seed torch was seeded with: the run's seed under train (seed_everything, equal on
+        # every rank), the calibration seed under recalibrate_bn
+        draws = EpochDraws(
+            len(labels), augmentation, seed=torch.initial_seed(), rank=rank, world_size=world_size
+        )
+        return DeviceBatches(images, labels, draws, batch_size=self.batch_size, device=device)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -1,7 +1,8 @@
 """CIFAR-10 / CIFAR-100 from the official "python version" files, read without running code.
 
 Training: 4-pixel zero-pad + random 32x32 crop + horizontal flip, per-channel normalisation
-(He et al. 2016). A seeded fraction of the training images is held out for validation.
+(He et al. 2016); with ``on_device`` the same operations on batches of the uint8 pixels held on
+the device. A seeded fraction of the training images is held out for validation.
 
 The batch files are pickles, and ``pickle.load`` runs whatever a file names (a crafted
 ``data_batch_1`` can call ``os.system``). :class:`CIFARUnpickler` therefore admits only the
@@ -35,6 +36,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from torchvision.transforms import v2
 
 from ekd_ddnn.data.base import ImageDataModule, check_fixed
+from ekd_ddnn.data.device import Augmentation
 from ekd_ddnn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ DATASETS: dict[str, tuple[type[CIFAR10], int, str]] = {
 }
 
 PIXELS = 3 * 32 * 32  # values per image row: 1024 red, 1024 green, 1024 blue
+PAD = 4  # zero padding of the training crop
 
 
 class _Refused(pickle.UnpicklingError):
@@ -415,6 +418,15 @@ class CIFARDataModule(ImageDataModule):
         data = np.concatenate([images for images, _ in arrays])
         return data, [label for _, labels in arrays for label in labels]
 
+    def device_split(self) -> tuple[torch.Tensor, torch.Tensor, Augmentation]:
+        """The training images as their uint8 pixels (N, 3, 32, 32), read once; crop, flip and
+        normalisation as the per-image transform does them."""
+        images = self.train_set.dataset.data[self.train_set.indices]
+        labels = torch.tensor(self.train_set.dataset.targets)[self.train_set.indices]
+        mean, std = STATS[self.name]
+        augmentation = Augmentation(pad=PAD, flip=True, mean=mean, std=std)
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, augmentation
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -425,7 +437,9 @@ class CIFARDataModule(ImageDataModule):
         )
         mean, std = STATS[self.name]
         to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-        train_tf = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_tensor])
+        train_tf = v2.Compose(
+            [v2.RandomCrop(32, padding=PAD), v2.RandomHorizontalFlip(), *to_tensor]
+        )
         eval_tf = v2.Compose(to_tensor)
         data, targets = self._read("train")
         n = len(data)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ekd_ddnn.data.base import ImageDataModule, check_num_classes
+from ekd_ddnn.data.device import Augmentation
 
 
 def make_synthetic(
@@ -21,7 +23,8 @@ def make_synthetic(
 
 
 class SyntheticDataModule(ImageDataModule):
-    """Fixed random train / val / test sets (seeded, identical on every rank)."""
+    """Fixed random train / val / test sets (seeded, identical on every rank); no
+    augmentation (``on_device``: shuffled batches of the stored float32 images)."""
 
     def __init__(
         self,
@@ -42,6 +45,9 @@ class SyntheticDataModule(ImageDataModule):
         self.image_size = image_size
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed
+
+    def device_split(self) -> tuple[Tensor, Tensor, Augmentation]:
+        return *self.train_set.tensors, Augmentation()
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

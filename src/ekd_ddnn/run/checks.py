@@ -212,6 +212,10 @@ RESUMABLE = (
     "model.weights_path",
 )
 
+# Keys added after runs were recorded, with the value that means what the older code did: a
+# run recorded without the key ran with that value, so resuming it is no change.
+ADDED_KEYS = {"data.on_device": False}
+
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
@@ -224,7 +228,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_settings(stored: dict, current: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences ``key old -> new`` between two resolved configs."""
-    old, new = _flatten(stored), _flatten(current)
+    old, new = ADDED_KEYS | _flatten(stored), ADDED_KEYS | _flatten(current)
     refused, allowed = [], []
     for key in sorted(old.keys() | new.keys()):
         if key == "resume" or old.get(key, "<unset>") == new.get(key, "<unset>"):
