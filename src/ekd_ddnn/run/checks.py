@@ -206,15 +206,12 @@ RESUMABLE = (
     "data.persistent_workers",
     "data.eval_batch_size",
     "data.download",
+    "data.on_device",  # the same distribution, other random draws (as data.num_workers)
     "model.compile",
     "model.compile_mode",
     "model.channels_last",
     "model.weights_path",
 )
-
-# Keys added after runs were recorded, with the value that means what the older code did: a
-# run recorded without the key ran with that value, so resuming it is no change.
-ADDED_KEYS = {"data.on_device": False}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -228,7 +225,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_settings(stored: dict, current: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences ``key old -> new`` between two resolved configs."""
-    old, new = ADDED_KEYS | _flatten(stored), ADDED_KEYS | _flatten(current)
+    old, new = _flatten(stored), _flatten(current)
     refused, allowed = [], []
     for key in sorted(old.keys() | new.keys()):
         if key == "resume" or old.get(key, "<unset>") == new.get(key, "<unset>"):
