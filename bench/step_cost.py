@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import statistics
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
+from ekd_ddnn.sampling import sample_depths
 
 Step = Callable[[Tensor, Tensor], Tensor]
 TRAIN_MODES = ("ekd", "individual", "unshared", "ddnn")
@@ -114,18 +116,13 @@ def eval_all_depths(net: DepthDynamicNet, *, shared: bool) -> Callable[[Tensor],
 
 
 def build_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor, *, compile: bool = False
+    net: DepthDynamicNet, x: Tensor, y: Tensor
 ) -> dict[str, Callable[[], Tensor | list[Tensor]]]:
     """Every timed mode as a no-argument callable, each on its own copy of ``net``'s weights
-    (so every mode starts from the same initialisation and owns its optimiser state).
-    ``compile``: ``torch.compile`` every copy (DDNN: ``compile_depths``; standalone nets:
-    ``nn.Module.compile``); the warm-up repeats absorb the compilation."""
+    (so every mode starts from the same initialisation and owns its optimiser state)."""
 
     def own_copy(mode: str) -> DepthDynamicNet:
-        copy_ = copy.deepcopy(net).train(mode != "eval")
-        if compile:
-            copy_.compile_depths()
-        return copy_
+        return copy.deepcopy(net).train(mode != "eval")
 
     modes: dict[str, Callable[[], Tensor | list[Tensor]]] = {}
     for name, loss, shared in (
@@ -141,14 +138,64 @@ def build_modes(
     for alone in standalone:
         if net.config.get("channels_last"):
             alone.to(memory_format=torch.channels_last)
-        if compile:
-            alone.compile()
     optimizers = [make_sgd(n.parameters()) for n in standalone]
     modes["individual"] = _bind(individual_step(standalone, optimizers), x, y)
     for name, shared in (("eval_shared", True), ("eval_separate", False)):
         run = eval_all_depths(own_copy("eval"), shared=shared)
         modes[name] = lambda run=run: run(x)
     return modes
+
+
+def lattice_step(net: DepthDynamicNet, optimizer: torch.optim.Optimizer) -> Step:
+    """The EKD step of ``ekd.sampling=lattice``: a new set of depths every call (the
+    full-net, the smallest and two drawn, as in training)."""
+    lattice, calls = net.lattice(), itertools.count()
+    loss_fn = EKDLoss(sampling="lattice")
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        depths = sample_depths(lattice, min(2, len(lattice) - 2), seed=0, step=next(calls))
+        optimizer.zero_grad(set_to_none=True)
+        total = loss_fn(net.forward_depths(x, depths), y).total
+        total.backward()
+        optimizer.step()
+        return total.detach()
+
+    return step
+
+
+def compiled_modes(
+    net: DepthDynamicNet, x: Tensor, y: Tensor
+) -> dict[str, Callable[[], Tensor | list[Tensor]]]:
+    """What ``--compile`` compares: the eager EKD step against the same step with every block
+    compiled (``model.compile=true``: ``compile_blocks``), the compiled CE-only step, and the
+    compiled step of lattice sampling (a new set of depths every call: reuses the graphs)."""
+    modes = {}
+    for name, loss, compiled in (
+        ("ekd", EKDLoss(), False),
+        ("ekd_compiled", EKDLoss(), True),
+        ("ddnn_compiled", EKDLoss(mode="ddnn"), True),
+    ):
+        copy_ = copy.deepcopy(net).train()
+        if compiled:
+            copy_.compile_blocks()
+        modes[name] = _bind(ekd_step(copy_, loss, make_sgd(copy_.parameters())), x, y)
+    copy_ = copy.deepcopy(net).train()
+    copy_.compile_blocks()
+    modes["lattice_compiled"] = _bind(lattice_step(copy_, make_sgd(copy_.parameters())), x, y)
+    return modes
+
+
+def compile_seconds(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
+    """Seconds of each compiled function's first call: Dynamo's tracing and the backend's
+    code generation (inductor: kernels for ``device``), then one run."""
+    seconds = {}
+    for name, fn in fns.items():
+        if name.endswith("_compiled"):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds[name] = round(time.perf_counter() - start, 1)
+    return seconds
 
 
 def with_autocast(
@@ -326,7 +373,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC weights and inputs (channels_last)"
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile every net")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="eager against compiled (model.compile=true) EKD steps only; compile seconds",
+    )
     parser.add_argument(
         "--memory-only",
         action="store_true",
@@ -397,9 +448,11 @@ def _run(args: argparse.Namespace) -> dict:
             )
         )
         return memory
+    if args.compile:
+        return _run_compiled(args, net, x, y)
     flops = ideal_flops(net, x)
     ideal = flops["shared"] / flops["standalone_sum"]
-    modes = build_modes(net, x, y, compile=args.compile)
+    modes = build_modes(net, x, y)
     if args.bf16:
         modes = with_autocast(modes, device)
     start = time.perf_counter()
@@ -508,6 +561,46 @@ def _run(args: argparse.Namespace) -> dict:
     print("ratios: median [min, max] over the repeats of the two modes' times in one repeat")
     sys.stdout.flush()
     result["config"] = config | {"activation_mib": {k: round(v, 1) for k, v in memory.items()}}
+    print(json.dumps(result))
+    return result
+
+
+def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict:
+    """``--compile``: compile seconds on their own line, then eager against compiled."""
+    device = x.device
+    modes = compiled_modes(net, x, y)
+    if args.bf16:
+        modes = with_autocast(modes, device)
+    graphs = torch._dynamo.utils.counters["stats"]
+    seconds = compile_seconds(modes, device)
+    print(f"compile seconds (first call): {json.dumps(seconds)}")
+    before = graphs["unique_graphs"]
+    times, _ = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
+    result = {
+        "compiled_speedup": statistics.median(paired_ratios(times, "ekd", "ekd_compiled")),
+        "compiled_distill_overhead": statistics.median(
+            paired_ratios(times, "ekd_compiled", "ddnn_compiled")
+        )
+        - 1.0,
+        "lattice_over_fixed_compiled": statistics.median(
+            paired_ratios(times, "lattice_compiled", "ekd_compiled")
+        ),
+    }
+    result = {k: round(v, 4) for k, v in result.items()}
+    result["graphs_made_by_new_depth_sets"] = graphs["unique_graphs"] - before
+    result["compile_seconds"] = seconds
+    print(
+        f"{net.config['arch']} {net.names}, batch {args.batch_size}, {device}, bf16 {args.bf16}, "
+        f"channels_last {args.channels_last}"
+    )
+    for name, values in times.items():
+        print(f"{name:<18} median {1e3 * statistics.median(values):8.1f} ms")
+    print(f"eager / compiled EKD step        {result['compiled_speedup']:.3f}")
+    print(f"compiled ekd / ddnn - 1          {100 * result['compiled_distill_overhead']:+.2f}%")
+    print(
+        f"graphs made by {args.repeats} new depth sets: {result['graphs_made_by_new_depth_sets']}"
+    )
+    sys.stdout.flush()
     print(json.dumps(result))
     return result
 

@@ -75,6 +75,23 @@ def test_sampler_refuses_more_than_the_lattice():
     )
 
 
+def test_cuda_graphs_refused_with_lattice_sampling():
+    """reduce-overhead records CUDA graphs for one set of depths; lattice sampling changes the
+    set every step: refused in one line, the other compile modes accepted."""
+    lattice = EKDLoss(sampling="lattice")
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        EKDModule(build_net("cifar_resnet20", compile=True, compile_mode=mode), lattice)
+    net = build_net("cifar_resnet20", compile=True, compile_mode="reduce-overhead")
+    EKDModule(net, EKDLoss())  # a fixed set of depths: allowed
+    with pytest.raises(UserError) as info:
+        EKDModule(net, lattice)
+    assert str(info.value) == (
+        "model.compile_mode=reduce-overhead records CUDA graphs for one set of depths and "
+        "ekd.sampling=lattice draws a new set every step; use model.compile_mode=default or "
+        "max-autotune-no-cudagraphs"
+    )
+
+
 @pytest.mark.parametrize("bn_stats", ["shared", "private"])
 def test_lattice_step_equals_depths_one_at_a_time(bn_stats):
     """The EKD loss and every gradient of a step over sampled depths (one prefix-tree

@@ -3,6 +3,7 @@ the run directory holds what DESIGN section 5 promises, and user errors are one 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -217,3 +218,53 @@ def test_last_checkpoint_is_the_last_epoch(compose_train, tmp_path):
     train(cfg)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 3 * 2)  # 64 images / batch 32
+
+
+def test_training_steps_read_nothing_back_to_the_host(monkeypatch):
+    """Between two logging steps a training step never turns a tensor into a Python value
+    (``.item()``, ``bool()``, ``float()``, ...): on a GPU each would wait for the device.
+    Counted under a real Trainer (with its progress bar), from the second step's start to the
+    last step's start."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ekd_ddnn.data.synthetic import make_synthetic
+    from ekd_ddnn.losses import EKDLoss
+    from ekd_ddnn.module import EKDModule
+
+    reads: list[str] = []
+    watching = False
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            if watching:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class Watch(L.Callback):  # every hook of steps 2-7, the progress bar's among them
+        def on_train_batch_start(self, trainer, *args) -> None:
+            nonlocal watching
+            watching = 1 <= trainer.global_step < 7
+
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2]], num_classes=10, image_size=8)
+    loader = DataLoader(make_synthetic(64, 10, 3, 8, seed=0), batch_size=8, drop_last=True)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.01)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        log_every_n_steps=100,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Watch()],
+    )
+    # lattice sampling: the fixed step's path plus the draw of each step's depths
+    module = EKDModule(net, EKDLoss(sampling="lattice"), optimizer=optimizer)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 8
+    assert reads == []

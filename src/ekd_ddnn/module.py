@@ -155,18 +155,19 @@ class EKDModule(L.LightningModule):
         depths, names = self.step_depths()
         outputs = self.net.forward_depths(x, depths)
         terms = self.loss(outputs, y)
-        self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
         unseen = (self.first_nonfinite_step < 0) & ~torch.isfinite(terms.total.detach())
         self.first_nonfinite_step.copy_(
             torch.where(unseen, self.global_step, self.first_nonfinite_step)
         )
-        # Each self.log call costs ~1 ms of Python; log the terms only on the steps the
+        # Each self.log call costs ~1 ms of Python, and a progress-bar value is read to the
+        # host (a device sync): log the terms, and the bar's loss, only on the steps the
         # loggers write (every trainer.log_every_n_steps), as Lightning would keep them.
         # Divergence is checked on the same steps (one sync) and before every checkpoint.
         trainer = self.trainer
         if not trainer.fast_dev_run and (self.global_step + 1) % trainer.log_every_n_steps:
             return terms.total
         self.check_finite()
+        self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
         logs: dict[str, Tensor] = {"train/loss": terms.total}
         sampled: dict[str, list[Tensor]] = {}
         for name, *values in zip(names, terms.ce, terms.kl, terms.mse, strict=True):
