@@ -47,42 +47,72 @@ SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True, w
 
 
 # --------------------------------------------------------------------------- (a) Lightning
-def raw_step(net: DepthDynamicNet, batches: Iterator[tuple[Tensor, Tensor]]) -> Callable[[], None]:
-    """One hand-written EKD training step of ``net`` on the next batch of ``batches``."""
+def raw_step(
+    net: DepthDynamicNet,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    bf16: bool = False,
+) -> Callable[[], None]:
+    """One hand-written EKD training step of ``net`` on the next batch of ``batches``, moved
+    to ``device`` as Lightning moves it (under bf16 autocast where Lightning's ``bf16-mixed``
+    would use it)."""
     loss_fn = EKDLoss()
     # one group of every trainable parameter: what EKDModule.configure_optimizers builds
     optimizer = SGD([{"params": [p for p in net.parameters() if p.requires_grad]}])
 
     def step() -> None:
-        x, y = next(batches)
+        x, y = (t.to(device, non_blocking=True) for t in next(batches))
         optimizer.zero_grad(set_to_none=True)
-        outputs = net.forward_depths(x, net.depths)
-        loss = loss_fn(outputs, y).total
+        # as Lightning's bf16-mixed: no cast cache (with one, the weights drift from Lightning's)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+            outputs = net.forward_depths(x, net.depths)
+            loss = loss_fn(outputs, y).total
         loss.backward()
         optimizer.step()
 
     return step
 
 
-def bench_lightning(steps: int, warmup: int, batch_size: int, image_size: int = 32) -> dict:
+def bench_lightning(
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    image_size: int = 32,
+    *,
+    arch: str = "cifar_resnet20",
+    subnets: Sequence[Sequence[int]] = ((2, 2, 2),),
+    device: str = "cpu",
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> dict:
     """Part (a): ``EKDModule`` under a bare ``lightning.Trainer`` against a raw loop.
 
     Both train a copy of one seeded net on the same batches in the same order. They alternate
     step by step: a callback runs one raw step at the end of each Lightning step, so each pair
     of steps sees the same machine load. A Lightning step is the time from the end of the
     previous raw step to the end of Lightning's next ``on_train_batch_end``: it covers every
-    hook, the batch fetch, forward, backward, optimiser step and the module's logging.
+    hook, the batch fetch and transfer, forward, backward, optimiser step and the module's
+    logging. On a GPU the callback waits for the device before each clock reading, so each
+    step is timed to its last kernel.
     """
     import lightning as L
 
     from ekd_ddnn.module import EKDModule
 
     torch.manual_seed(0)
-    net = build_net("cifar_resnet20", subnets=[[2, 2, 2]], num_classes=10, image_size=image_size)
-    data = make_synthetic(steps * batch_size, 10, 3, image_size, seed=0)  # one epoch of batches
+    on = torch.device(device)
+    net = build_net(arch, subnets=subnets, image_size=image_size, channels_last=channels_last)
+    classes = net.config["num_classes"]
+    data = make_synthetic(steps * batch_size, classes, 3, image_size, seed=0)  # one epoch
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)
-    raw_net = copy.deepcopy(net).train()
-    step_raw = raw_step(raw_net, iter(loader))
+    raw_net = copy.deepcopy(net).to(on).train()
+    step_raw = raw_step(raw_net, iter(loader), on, bf16=bf16)
+
+    def now() -> float:
+        if on.type == "cuda":
+            torch.cuda.synchronize(on)
+        return time.perf_counter()
 
     class Interleave(L.Callback):
         def __init__(self) -> None:
@@ -94,19 +124,20 @@ def bench_lightning(steps: int, warmup: int, batch_size: int, image_size: int = 
             self.first_batch = self.first_batch or time.perf_counter()
 
         def on_train_batch_end(self, *args, **kwargs) -> None:
-            now = time.perf_counter()
+            ended = now()
             if self.resumed:
-                self.lightning.append(now - self.resumed)
+                self.lightning.append(ended - self.resumed)
             with torch.enable_grad():
                 step_raw()
-            self.resumed = time.perf_counter()
-            self.raw.append(self.resumed - now)
+            self.resumed = now()
+            self.raw.append(self.resumed - ended)
 
     clock = Interleave()
     module = EKDModule(copy.deepcopy(net), EKDLoss(), optimizer=SGD)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=on.type,
         devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -265,14 +296,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="(a) steps of each")
     parser.add_argument("--lightning-batch", type=int, default=64, help="(a) batch size")
     parser.add_argument("--lightning-image-size", type=int, default=32, help="(a) image size")
+    parser.add_argument("--lightning-arch", default="cifar_resnet20", help="(a) architecture")
+    parser.add_argument(
+        "--lightning-subnets", type=json.loads, default=[[2, 2, 2]], help="(a) sub-nets, JSON"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="(a) the training device"
+    )
+    parser.add_argument("--bf16", action="store_true", help="(a) bf16-mixed / bf16 autocast")
+    parser.add_argument("--channels-last", action="store_true", help="(a) NHWC layout")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (a, b, c)")
     parser.add_argument("--repeats", type=int, default=24, help="(b) timed steps of each")
     parser.add_argument("--data-repeats", type=int, default=60, help="(c) timed steps of each")
     add_threads_argument(parser)
     parser.add_argument(
-        "--parts", default="lightning,resnet50,data", help="comma-separated subset to run"
+        "--parts",
+        help="comma-separated subset to run (default: all three; with --device cuda: lightning, "
+        "the one part that runs on the device)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.parts = args.parts or ("lightning" if args.device == "cuda" else "lightning,resnet50,data")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -286,16 +332,31 @@ def _run(args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore")  # Lightning's num_workers / log-interval advice
     parts = args.parts.split(",")
     result: dict = {}
-    print(f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # as conf/trainer/gpu.yaml
 
     if "lightning" in parts:
         size = args.lightning_image_size
-        a = bench_lightning(args.steps, args.warmup, args.lightning_batch, size)
+        a = bench_lightning(
+            args.steps,
+            args.warmup,
+            args.lightning_batch,
+            size,
+            arch=args.lightning_arch,
+            subnets=args.lightning_subnets,
+            device=args.device,
+            bf16=args.bf16,
+            channels_last=args.channels_last,
+        )
         ms = a["ms_per_step"]
         result["lightning_over_raw"] = a["ratio"]
         result["lightning_overhead_ms"] = ms["lightning"] - ms["raw"]
         print(
-            f"(a) cifar_resnet20 ⊃ [2,2,2], {size}x{size}, batch {args.lightning_batch}, EKD; "
+            f"(a) {args.lightning_arch} ⊃ {args.lightning_subnets}, {size}x{size}, batch "
+            f"{args.lightning_batch}, EKD, {args.device}, bf16 {args.bf16}, channels_last "
+            f"{args.channels_last}; "
             f"{args.steps} steps of each, alternating step by step; medians of {a['pairs']} "
             f"pairs after {args.warmup}"
         )
@@ -348,7 +409,11 @@ def _run(args: argparse.Namespace) -> dict:
     result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
     if "data_fetch_ms" in result:
         result["data_fetch_ms"] = {k: round(v, 3) for k, v in result["data_fetch_ms"].items()}
-    result["config"] = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    result["config"] = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     print(json.dumps(result))
     return result
 

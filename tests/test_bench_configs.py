@@ -109,3 +109,17 @@ def test_data_on_device_bench_runs_and_reports_its_ratios() -> None:
     assert set(result) == {"preloaded_over_on_device", "preloaded_over_dataloader", "config"}
     assert all(0 < result[k] < 100 for k in result if k != "config")
     assert (result["config"]["batch_size"], result["config"]["num_images"]) == (8, 100)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_overhead_bench_trains_what_lightning_trains(bf16) -> None:
+    """bench/overhead.py part (a): the raw loop it times Lightning against reaches exactly
+    Lightning's weights, also under bf16-mixed (the same autocast, without a cast cache)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        bench = importlib.import_module("overhead")
+    finally:
+        sys.path.remove(str(BENCH))
+    result = bench.bench_lightning(5, 1, 4, 8, subnets=[[1, 1, 1]], bf16=bf16)
+    assert result["max_weight_diff"] == 0.0
+    assert result["pairs"] == 3  # 5 Lightning steps: 4 paired with a raw step, 1 warm-up
