@@ -78,7 +78,7 @@ class DepthDynamicNet(nn.Module):
         each a copy of the full-net's: sub-net ``i``'s are buffers ``running_mean_d<i>`` etc.
         next to the full-net's ordinary ``running_mean`` (why: :mod:`.bn_stats`)."""
         self.config["bn_stats"] = "private"
-        self._bn_stats = DepthBNStats(self, [0] * len(self.depths))
+        self._bn_stats = DepthBNStats(self._modules_run(), [0] * len(self.depths))
 
     @torch.no_grad()
     def recalibrate_bn_stats(
@@ -100,11 +100,15 @@ class DepthDynamicNet(nn.Module):
         training = self.training
         try:
             self.train()
-            with self._bn_stats.reestimating(self, ids):
+            with self._bn_stats.reestimating(ids):
                 for x in batches:
                     self.forward_depths(x, chosen)
         finally:
             self.train(training)
+
+    def _modules_run(self) -> list[nn.Module]:
+        """The modules a depth runs or skips: the stem, every block, the head."""
+        return [self.stem, *(block for stage in self.stages for block in stage), self.head]
 
     def compile_depths(self, **options) -> None:
         """``torch.compile`` :meth:`forward_depths` (and so ``forward``) of this net.
@@ -152,7 +156,7 @@ class DepthDynamicNet(nn.Module):
         clone.config["subnets"] = [list(d) for d in new]
         if self._bn_stats is not None:
             sources = [self.depths.index(d) if d in self.depths else 0 for d in clone.depths]
-            clone._bn_stats = DepthBNStats(clone, sources)
+            clone._bn_stats = DepthBNStats(clone._modules_run(), sources)
         return clone
 
     def shared_stats_copy(self) -> DepthDynamicNet:
@@ -248,9 +252,7 @@ class DepthDynamicNet(nn.Module):
                     f"depth {missing[0]} has no BatchNorm statistics of its own in this net "
                     f"(private BN statistics); run one of {[list(d) for d in ours]}"
                 )
-            stats = self._bn_stats.sets_for(
-                self, [ours.index(d) if d in ours else None for d in depths]
-            )
+            stats = self._bn_stats.sets_for([ours.index(d) if d in ours else None for d in depths])
             if self.training:
                 self._bn_stats.invalidate()  # statistics change in train mode
         features: list[list[Tensor]] = [[] for _ in depths]

@@ -10,7 +10,6 @@ the affine weights stay shared.
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,44 +43,40 @@ class DepthBNStats:
     """The sets of BatchNorm statistics of one network, one per depth it trains and evaluates.
 
     Sets ``0..count-1`` belong to the net's depths and are saved in its state dict; later ids
-    are scratch sets (see :meth:`sets_for`). The BatchNorm layers of each module asked about
-    (the net, its stem, a block, its head) are found once and cached, so running a module
-    walks nothing. A deep copy starts with empty caches: they hold the original's layers.
+    are scratch sets (see :meth:`sets_for`). The BatchNorm layers of each module the net runs
+    (its stem, every block, its head) are found once, here, so a call walks no module tree.
+    A deep copy of the net copies this object with it, the cached layers mapped onto the
+    copy's own (``copy.deepcopy`` maps every object it meets twice to one copy).
     """
 
-    def __init__(self, net: nn.Module, sources: Sequence[int]) -> None:
-        """Give ``len(sources)`` depths of ``net`` their own statistics: set ``i`` starts as a
-        copy of the set ``sources[i]`` that ``net`` holds now (set 0 stays itself); any other
-        private set is deleted."""
+    def __init__(self, modules: Sequence[nn.Module], sources: Sequence[int]) -> None:
+        """Give ``len(sources)`` depths their own statistics in the BatchNorm layers of
+        ``modules`` (those the net runs: together, all of it): set ``i`` starts as a copy of
+        the set ``sources[i]`` they hold now (set 0 stays itself); other private sets go."""
         self.count = len(sources)
         self._scratch = 0  # scratch sets registered so far
-        self._layers: dict[nn.Module, list[_BatchNorm]] = {}
         self._partitions: dict[tuple, list[list[int]]] = {}
-        for bn in self.layers(net):
+        self._layers = {
+            module: [
+                m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            ]
+            for module in modules
+        }
+        for bn in self._all_layers():
             held = dict(bn._buffers)
             strip_private(bn)
             for i, source in enumerate(sources[1:], start=1):
                 for key in BN_STATS:
                     bn.register_buffer(stat_key(key, i), held[stat_key(key, source)].clone())
 
-    def __deepcopy__(self, memo: dict) -> DepthBNStats:
-        clone = copy.copy(self)
-        clone._layers, clone._partitions = {}, {}
-        return clone
-
-    def layers(self, module: nn.Module) -> list[_BatchNorm]:
-        """The BatchNorm layers of ``module`` that keep running statistics (cached)."""
-        if module not in self._layers:
-            self._layers[module] = [
-                m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-            ]
-        return self._layers[module]
+    def _all_layers(self) -> list[_BatchNorm]:
+        return [bn for layers in self._layers.values() for bn in layers]
 
     def invalidate(self) -> None:
         """Forget the cached partitions (:meth:`partition`): the statistics may have changed."""
         self._partitions.clear()
 
-    def sets_for(self, net: nn.Module, ids: Sequence[int | None]) -> list[int]:
+    def sets_for(self, ids: Sequence[int | None]) -> list[int]:
         """The set each of a call's depths runs with: ``ids[i]`` for a depth of the net, and for
         each ``None`` (a lattice depth beyond the net's, sampled in training) a scratch set of
         its own: updated, never saved, never evaluated. One per depth: a buffer updated in
@@ -89,7 +84,7 @@ class DepthBNStats:
         """
         needed = sum(i is None for i in ids)
         for new in range(self.count + self._scratch, self.count + needed):
-            for bn in self.layers(net):
+            for bn in self._all_layers():
                 for key in BN_STATS:
                     bn.register_buffer(
                         stat_key(key, new), bn._buffers[key].clone(), persistent=False
@@ -106,7 +101,7 @@ class DepthBNStats:
         equal, as in separate runs. The net's sets lead: scratch statistics never spread.
         """
         ids = sorted(ids, key=lambda i: i >= self.count)
-        layers = self.layers(module)
+        layers = self._layers[module]
         saved = [{k: bn._buffers[k] for k in BN_STATS} for bn in layers]
         for bn in layers:
             for key in BN_STATS:
@@ -127,7 +122,7 @@ class DepthBNStats:
         ``module``, first appearance first. Cached until :meth:`invalidate`."""
         key = (module, tuple(ids))
         if key not in self._partitions:
-            layers = self.layers(module)
+            layers = self._layers[module]
             classes: list[list[int]] = []
             for pos, i in enumerate(ids):
                 for cls in classes:
@@ -145,10 +140,10 @@ class DepthBNStats:
         return self._partitions[key]
 
     @contextmanager
-    def reestimating(self, net: nn.Module, ids: Sequence[int]) -> Iterator[None]:
+    def reestimating(self, ids: Sequence[int]) -> Iterator[None]:
         """Within: sets ``ids`` restart empty and each layer's momentum is ``None``, so that
         train-mode runs leave them the exact average over the batches; momenta come back."""
-        layers = self.layers(net)
+        layers = self._all_layers()
         momenta = [bn.momentum for bn in layers]
         try:
             for bn in layers:
