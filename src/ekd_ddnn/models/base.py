@@ -78,7 +78,7 @@ class DepthDynamicNet(nn.Module):
         each a copy of the full-net's: sub-net ``i``'s are buffers ``running_mean_d<i>`` etc.
         next to the full-net's ordinary ``running_mean`` (why: :mod:`.bn_stats`)."""
         self.config["bn_stats"] = "private"
-        self._bn_stats = DepthBNStats(self._modules_run(), [0] * len(self.depths))
+        self._bn_stats = DepthBNStats(self._units(), [0] * len(self.depths))
 
     @torch.no_grad()
     def recalibrate_bn_stats(
@@ -106,8 +106,8 @@ class DepthDynamicNet(nn.Module):
         finally:
             self.train(training)
 
-    def _modules_run(self) -> list[nn.Module]:
-        """The modules a depth runs or skips: the stem, every block, the head."""
+    def _units(self) -> list[nn.Module]:
+        """The modules the prefix tree runs whole: the stem, every block, the head."""
         return [self.stem, *(block for stage in self.stages for block in stage), self.head]
 
     def compile_depths(self, **options) -> None:
@@ -156,7 +156,7 @@ class DepthDynamicNet(nn.Module):
         clone.config["subnets"] = [list(d) for d in new]
         if self._bn_stats is not None:
             sources = [self.depths.index(d) if d in self.depths else 0 for d in clone.depths]
-            clone._bn_stats = DepthBNStats(clone._modules_run(), sources)
+            clone._bn_stats = DepthBNStats(clone._units(), sources)
         return clone
 
     def shared_stats_copy(self) -> DepthDynamicNet:

@@ -46,7 +46,7 @@ class DepthBNStats:
     are scratch sets (see :meth:`sets_for`). The BatchNorm layers of each module the net runs
     (its stem, every block, its head) are found once, here, so a call walks no module tree.
     A deep copy of the net copies this object with it, the cached layers mapped onto the
-    copy's own (``copy.deepcopy`` maps every object it meets twice to one copy).
+    copy's own (``copy.deepcopy`` gives each module one copy, wherever it meets it).
     """
 
     def __init__(self, modules: Sequence[nn.Module], sources: Sequence[int]) -> None:
@@ -56,7 +56,7 @@ class DepthBNStats:
         self.count = len(sources)
         self._scratch = 0  # scratch sets registered so far
         self._partitions: dict[tuple, list[list[int]]] = {}
-        self._layers = {
+        self._layers: dict[nn.Module, list[_BatchNorm]] = {
             module: [
                 m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
             ]
@@ -70,6 +70,7 @@ class DepthBNStats:
                     bn.register_buffer(stat_key(key, i), held[stat_key(key, source)].clone())
 
     def _all_layers(self) -> list[_BatchNorm]:
+        """Every BatchNorm layer of the net."""
         return [bn for layers in self._layers.values() for bn in layers]
 
     def invalidate(self) -> None:
