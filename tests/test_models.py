@@ -228,6 +228,35 @@ def test_private_bn_stats_are_per_depth():
     assert torch.equal(net.stem[1].running_mean, net.stem[1].running_mean_d1)
 
 
+def test_private_bn_stats_of_every_depth_equal_each_depth_trained_alone():
+    """Train-mode steps of three sub-nets branching at different blocks and a sampled
+    lattice depth (scratch statistics) through one prefix tree: every named depth's extracted
+    net holds exactly the buffers of that depth built alone and run alone on the same
+    batches, and gives its eval-mode logits; the sampled depth leaves no trace."""
+    torch.manual_seed(0)
+    subnets = [[2, 2, 2], [1, 3, 1], [1, 1, 1]]
+    net = build_net("cifar_resnet20", subnets=subnets, image_size=8, bn_stats="private").train()
+    alone = {d: _built_alone(net, "cifar_resnet20", d, image_size=8).train() for d in net.depths}
+    batches = [torch.randn(4, 3, 8, 8) * (i + 1) + i for i in range(2)]
+    for x in batches:
+        net.forward_depths(x, [*net.depths, (2, 1, 3)])
+        for ref in alone.values():
+            ref(x)
+    scratch = f"running_mean_d{len(net.depths)}"  # the sampled depth's: kept, never saved
+    assert hasattr(net.stem[1], scratch) and not any(k.endswith(scratch) for k in net.state_dict())
+    x_eval = torch.randn(4, 3, 8, 8)
+    for depth, ref in alone.items():
+        state = net.extract(depth).state_dict()
+        assert sorted(state) == sorted(ref.state_dict())
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=f"{depth} {key}")
+        with torch.no_grad():
+            torch.testing.assert_close(
+                net.eval()(x_eval, depth)[0], ref.eval()(x_eval)[0], rtol=0, atol=0
+            )
+        net.train()
+
+
 def _recalibrated_alone(net: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
     """Reference: plain torch BatchNorm re-estimation on a standalone copy."""
     for bn in net.modules():

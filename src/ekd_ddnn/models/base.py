@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,11 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ekd_ddnn.errors import InvalidDepthError
+from ekd_ddnn.models.bn_stats import BN_STATS, DepthBNStats, is_private_key, stat_key, strip_private
 
 Depth = tuple[int, ...]
-BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
-_PRIVATE_KEY = re.compile(r"_d\d+$")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
 
 
@@ -57,7 +55,7 @@ class DepthDynamicNet(nn.Module):
         self.full_depth: Depth = tuple(len(stage) for stage in self.stages)
         self._namer = namer
         self._extractor = extractor
-        self._partitions: dict[tuple, list[list[int]]] = {}  # see _split
+        self._bn_stats: DepthBNStats | None = None  # private statistics, if any
         self.config = dict(config or {})
         self.subnets: list[Depth] = []
         for depth in subnets:
@@ -77,20 +75,11 @@ class DepthDynamicNet(nn.Module):
         return self.config.get("bn_stats", "shared") == "private"
 
     def use_private_bn_stats(self) -> None:
-        """Give every depth its own BatchNorm running statistics (affine weights stay shared).
-
-        The paper shares the statistics; but a BatchNorm layer after the point where two
-        depths diverge sees other inputs per depth, so its shared running statistics mix
-        those distributions and evaluation suffers (slimmable networks, Once-for-All keep
-        them per sub-net). Sub-net ``i``'s statistics are buffers ``running_mean_d<i>`` etc.
-        next to the full-net's ordinary ``running_mean``.
-        """
+        """Give every depth its own BatchNorm running statistics (affine weights stay shared),
+        each a copy of the full-net's: sub-net ``i``'s are buffers ``running_mean_d<i>`` etc.
+        next to the full-net's ordinary ``running_mean`` (why: :mod:`.bn_stats`)."""
         self.config["bn_stats"] = "private"
-        for bn in self.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats:
-                for i in range(1, len(self.depths)):
-                    for key in BN_STATS:
-                        bn.register_buffer(_stat_key(key, i), bn._buffers[key].clone())
+        self._bn_stats = DepthBNStats(self._units(), [0] * len(self.depths))
 
     @torch.no_grad()
     def recalibrate_bn_stats(
@@ -109,27 +98,18 @@ class DepthDynamicNet(nn.Module):
             self.use_private_bn_stats()
         chosen = self.depths if depths is None else [self.check_depth(d) for d in depths]
         ids = [self.depths.index(d) for d in chosen]
-        layers = [
-            m
-            for m in self.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
-        momenta = [bn.momentum for bn in layers]
         training = self.training
         try:
             self.train()
-            for bn in layers:
-                bn.momentum = None  # cumulative average over the batches seen
-                for i in ids:
-                    bn._buffers[_stat_key("running_mean", i)].zero_()
-                    bn._buffers[_stat_key("running_var", i)].fill_(1)
-                    bn._buffers[_stat_key("num_batches_tracked", i)].zero_()
-            for x in batches:
-                self.forward_depths(x, chosen)
+            with self._bn_stats.reestimating(ids):
+                for x in batches:
+                    self.forward_depths(x, chosen)
         finally:
-            for bn, momentum in zip(layers, momenta, strict=True):
-                bn.momentum = momentum
             self.train(training)
+
+    def _units(self) -> list[nn.Module]:
+        """The modules the prefix tree runs whole: the stem, every block, the head."""
+        return [self.stem, *(block for stage in self.stages for block in stage), self.head]
 
     def compile_blocks(self, mode: str = "default", **options: Any) -> None:
         """``torch.compile`` the stem, every block and the head, each on its own (regional
@@ -144,7 +124,7 @@ class DepthDynamicNet(nn.Module):
         ``backend``, which then replaces ``mode``). State-dict keys stay unchanged; deep
         copies run eager.
         """
-        regions = [self.stem, *(block for stage in self.stages for block in stage), self.head]
+        regions = self._units()
         # every region shares nn.Module's call code, whose compiled entries Dynamo caps at
         # recompile_limit (8 by default): allow each region its train/eval x batch-size graphs
         limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
@@ -184,29 +164,19 @@ class DepthDynamicNet(nn.Module):
             if depth != self.full_depth and depth not in new:
                 new.append(depth)
         clone = copy.deepcopy(self)
-        clone._partitions = {}
         clone.subnets = new
         clone.config["subnets"] = [list(d) for d in new]
-        if not self.private_bn_stats:
-            return clone
-        sources = [self.depths.index(d) if d in self.depths else 0 for d in clone.depths]
-        for bn, original in zip(_bn_layers(clone), _bn_layers(self), strict=True):
-            for key in [k for k in bn._buffers if _PRIVATE_KEY.search(k)]:
-                del bn._buffers[key]
-            for i, source in enumerate(sources[1:], start=1):
-                for key in BN_STATS:
-                    bn.register_buffer(
-                        _stat_key(key, i), original._buffers[_stat_key(key, source)].clone()
-                    )
+        if self._bn_stats is not None:
+            sources = [self.depths.index(d) if d in self.depths else 0 for d in clone.depths]
+            clone._bn_stats = DepthBNStats(clone._units(), sources)
         return clone
 
     def shared_stats_copy(self) -> DepthDynamicNet:
         """A copy with one set of BatchNorm statistics (the full-net's): any depth of it can
         be extracted, e.g. to count its params and MACs."""
         clone = copy.deepcopy(self)
-        for bn in _bn_layers(clone):
-            for key in [k for k in bn._buffers if _PRIVATE_KEY.search(k)]:
-                del bn._buffers[key]
+        strip_private(clone)
+        clone._bn_stats = None
         clone.config["bn_stats"] = "shared"
         return clone
 
@@ -285,25 +255,23 @@ class DepthDynamicNet(nn.Module):
         statistics are updated once per call, not once per depth.)
         """
         depths = [self.check_depth(d) for d in depths]
-        if self.private_bn_stats:
-            missing = [list(d) for d in depths if d not in self.depths]
+        stats = None  # the set of BatchNorm statistics each depth runs with (if private)
+        if self._bn_stats is not None:
+            ours = self.depths
+            missing = [list(d) for d in depths if d not in ours]
             if missing and not self.training:
                 raise InvalidDepthError(
                     f"depth {missing[0]} has no BatchNorm statistics of its own in this net "
-                    f"(private BN statistics); run one of {[list(d) for d in self.depths]}"
+                    f"(private BN statistics); run one of {[list(d) for d in ours]}"
                 )
+            stats = self._bn_stats.sets_for([ours.index(d) if d in ours else None for d in depths])
+            if self.training:
+                self._bn_stats.invalidate()  # statistics change in train mode
         features: list[list[Tensor]] = [[] for _ in depths]
         logits: list[Tensor | None] = [None] * len(depths)
         if self.config.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         group = list(range(len(depths)))
-        stats = None
-        if self.private_bn_stats:  # depths of the lattice beyond ours: scratch copies
-            stats = [self.depths.index(d) if d in self.depths else -1 for d in depths]
-            scratch = iter(self._scratch_stats(stats.count(-1)))
-            stats = [next(scratch) if i == -1 else i for i in stats]
-        if self.training:
-            self._partitions.clear()  # statistics change in train mode
         for part in self._split(self.stem, group, stats):
             y = self._run_module(self.stem, x, part, stats)
             self._run_group(y, part, 0, 0, depths, stats, features, logits)
@@ -312,31 +280,11 @@ class DepthDynamicNet(nn.Module):
     def _run_module(
         self, module: nn.Module, x: Tensor, group: list[int], stats: list[int] | None
     ) -> Tensor:
-        """Run ``module`` once for the depths in ``group`` (which all hold input ``x``).
-
-        With private BN statistics the module's BatchNorm layers use the statistics of the
-        group's first depth, and copy the updated ones to the others: the depths of a group
-        have seen the same inputs, so their statistics are equal, as in separate runs.
-        """
+        """Run ``module`` once for the depths in ``group`` (which all hold input ``x``), with
+        their own BatchNorm statistics where they are private (:meth:`DepthBNStats.run`)."""
         if stats is None:
             return module(x)
-        ids = [stats[i] for i in group]
-        ids.sort(key=lambda i: i >= len(self.depths))  # ours lead: scratch never spreads
-        layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [{k: bn._buffers[k] for k in BN_STATS} for bn in layers]
-        for bn in layers:
-            for key in BN_STATS:
-                bn._buffers[key] = bn._buffers[_stat_key(key, ids[0])]
-        try:
-            out = module(x)
-            for bn in layers:
-                for other in ids[1:]:
-                    for key in BN_STATS:
-                        bn._buffers[_stat_key(key, other)].copy_(bn._buffers[key])
-        finally:
-            for bn, buffers in zip(layers, saved, strict=True):
-                bn._buffers.update(buffers)
-        return out
+        return self._bn_stats.run(module, x, [stats[i] for i in group])
 
     def _split(
         self, module: nn.Module, group: list[int], stats: list[int] | None
@@ -348,49 +296,18 @@ class DepthDynamicNet(nn.Module):
         trained depths meet in one evaluation). Cached until the statistics can change."""
         if stats is None or self.training or len(group) < 2:
             return [group]
-        key = (id(module), tuple(stats[i] for i in group))
-        if key not in self._partitions:
-            layers = _bn_layers(module)
-            classes: list[list[int]] = []
-            for pos, i in enumerate(group):
-                for cls in classes:
-                    j = group[cls[0]]
-                    if all(
-                        torch.equal(
-                            bn._buffers[_stat_key(k, stats[i])], bn._buffers[_stat_key(k, stats[j])]
-                        )
-                        for bn in layers
-                        for k in ("running_mean", "running_var")
-                    ):
-                        cls.append(pos)
-                        break
-                else:
-                    classes.append([pos])
-            self._partitions[key] = classes
-        return [[group[p] for p in cls] for cls in self._partitions[key]]
+        parts = self._bn_stats.partition(module, [stats[i] for i in group])
+        return [[group[p] for p in part] for part in parts]
 
     def train(self, mode: bool = True) -> DepthDynamicNet:
-        self._partitions.clear()  # statistics may change
+        if self._bn_stats is not None:
+            self._bn_stats.invalidate()  # statistics may change
         return super().train(mode)
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self._partitions.clear()
+        if self._bn_stats is not None:
+            self._bn_stats.invalidate()
         return super().load_state_dict(*args, **kwargs)
-
-    def _scratch_stats(self, count: int) -> list[int]:
-        """Ids of ``count`` sets of BatchNorm statistics for training steps of depths beyond
-        :attr:`depths` (lattice sampling with private statistics): updated, never saved,
-        never evaluated. One per depth: a buffer updated in place by two runs of a layer in
-        one step would break the backward pass, which saves it."""
-        ids = list(range(len(self.depths), len(self.depths) + count))
-        for bn in _bn_layers(self):
-            for i in ids:
-                if _stat_key("running_mean", i) not in bn._buffers:
-                    for key in BN_STATS:
-                        bn.register_buffer(
-                            _stat_key(key, i), bn._buffers[key].clone(), persistent=False
-                        )
-        return ids
 
     def _run_group(
         self,
@@ -439,10 +356,10 @@ class DepthDynamicNet(nn.Module):
             parts = key.split(".")
             if parts[0] == "stages" and int(parts[2]) >= depth[int(parts[1])]:
                 continue
-            if _PRIVATE_KEY.search(key):
+            if is_private_key(key):
                 continue
             if stats_id and parts[-1] in BN_STATS:
-                value = state[_stat_key(key, stats_id)]
+                value = state[stat_key(key, stats_id)]
             kept[key] = value
         return kept
 
@@ -471,9 +388,7 @@ class DepthDynamicNet(nn.Module):
             namer=self._namer,
             config={**self.config, "blocks": list(depth), "subnets": [], "bn_stats": "shared"},
         )
-        for module in net.modules():
-            for key in [k for k in module._buffers if _PRIVATE_KEY.search(k)]:
-                del module._buffers[key]
+        strip_private(net)
         net.load_state_dict(self.subnet_state_dict(depth))
         return net
 
@@ -507,17 +422,3 @@ def count_macs(module: nn.Module, input_shape: Sequence[int]) -> int:
         module(x)
     module.train(was_training)
     return counter.get_total_flops() // 2
-
-
-def _bn_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers of ``module`` that keep running statistics."""
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
-def _stat_key(key: str, depth_id: int) -> str:
-    """The buffer holding depth ``depth_id``'s copy of BatchNorm buffer ``key``."""
-    return key if depth_id == 0 else f"{key}_d{depth_id}"
