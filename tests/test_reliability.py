@@ -375,6 +375,12 @@ CATALOGUE = [
     ("train", ["trainer.devices=64"], 1, "trainer.devices=64 starts 64 CPU processes on "),
     (
         "train",
+        ["+trainer.sync_batchnorm=true", "model.bn_stats=private"],
+        1,
+        "trainer.sync_batchnorm=true replaces the BatchNorm layers that hold each depth's statistics (model.bn_stats=private) and drops them; use one of the two",
+    ),
+    (
+        "train",
         ["callbacks.model_checkpoint.monitor=val/top1_err/man"],
         1,
         "ModelCheckpoint monitors 'val/top1_err/man', which this run never logs; did you mean val/top1_err/mean?",

@@ -71,6 +71,11 @@ def check_train_config(cfg: DictConfig) -> None:
         check_arguments(cfg.get(group), group)
     check_optimizer(cfg.optimizer)
     check_trainer(cfg.trainer, allow_cpu_oversubscription=cfg.allow_cpu_oversubscription)
+    if cfg.trainer.get("sync_batchnorm") and cfg.model.get("bn_stats") == "private":
+        raise UserError(
+            "trainer.sync_batchnorm=true replaces the BatchNorm layers that hold each depth's "
+            "statistics (model.bn_stats=private) and drops them; use one of the two"
+        )
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)  # missing, unreadable, corrupt or code-running: one line
     if cfg.get("resume"):
