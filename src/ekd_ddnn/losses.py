@@ -178,7 +178,9 @@ class EKDLoss:
         log_probs = F.log_softmax(stacked, dim=-1)
         picked = log_probs.gather(-1, targets.view(1, -1, 1).expand(depths, -1, 1))
         ce = -picked.mean(dim=(1, 2))
-        total = ce[0] + ce[1:].mean() if depths > 1 else ce[0]
+        # CE_t + mean of the sub-nets' CE, as one product (indexing would add copies in backward)
+        weights = (1.0,) + (1.0 / max(depths - 1, 1),) * (depths - 1)
+        total = ce @ _constant(weights, ce.device, ce.dtype)
         if not self.distills:
             return EKDTerms(total, ce)
         kl = self._kl(stacked, log_probs)
@@ -247,7 +249,7 @@ def _batch_pixels(feature: Tensor) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _constant(values: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     """``values`` as a tensor on ``device``, built once per pattern: a host-to-device copy in
     every step would wait for the GPU's queue."""
     return torch.tensor(values, device=device, dtype=dtype)
