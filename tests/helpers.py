@@ -93,3 +93,14 @@ class RecordTrainLoader(Callback):
             line = f"{type(trainer.train_dataloader).__name__} {images.device} {images.dtype}\n"
             with open(os.path.join(trainer.default_root_dir, "train_loader.txt"), "w") as f:
                 f.write(line)
+
+
+class RecordShard(Callback):
+    """Write ``<run dir>/shard_rank<r>.txt`` at each training epoch's start: the image indices
+    the on-device loader of rank ``r`` takes that epoch, one line per epoch."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        index, _, _ = trainer.train_dataloader.sampler.draw()
+        path = os.path.join(trainer.default_root_dir, f"shard_rank{trainer.global_rank}.txt")
+        with open(path, "a") as f:
+            f.write(" ".join(map(str, index.tolist())) + "\n")

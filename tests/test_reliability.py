@@ -45,13 +45,16 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, on_device):
     """SIGKILL after the 2nd epoch's checkpoint, resume=<run dir>: the same per-depth results
-    and the same final weights as the run left alone."""
+    and the same final weights as the run left alone (also with data.on_device=true, whose
+    epoch order comes from (seed, epoch))."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert run_cli("train", *RUN, f"hydra.run.dir={whole}").returncode == 0
+    run = [*RUN, f"data.on_device={str(on_device).lower()}"]
+    assert run_cli("train", *run, f"hydra.run.dir={whole}").returncode == 0
     kill = ["+callbacks.kill._target_=tests.helpers.SignalAtEpochStart", "+callbacks.kill.epoch=2"]
-    result = run_cli("train", *RUN, *kill, f"hydra.run.dir={killed}")
+    result = run_cli("train", *run, *kill, f"hydra.run.dir={killed}")
     assert result.returncode == -9  # SIGKILL: no handler ran
     assert not (killed / "results.json").exists()
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1

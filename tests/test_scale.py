@@ -54,6 +54,39 @@ def test_ddp_evaluation_equals_single_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_on_device_ranks_take_disjoint_shards(tmp_path):
+    """data.on_device=true on 2 DDP processes: each rank takes its own half of every epoch's
+    order (no image twice, none left out but the remainder), the order differs by epoch,
+    and the run finishes with its results."""
+    result = run_cli(
+        "train",
+        *TINY,
+        "data.on_device=true",
+        "data.num_train=130",  # 65 per rank: two steps of 32 each
+        "data.batch_size=32",
+        "trainer.max_epochs=2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "+callbacks.shard._target_=tests.helpers.RecordShard",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    shards = [
+        [list(map(int, line.split())) for line in (tmp_path / f"shard_rank{r}.txt").open()]
+        for r in (0, 1)
+    ]
+    for epoch in (0, 1):
+        first, second = shards[0][epoch], shards[1][epoch]
+        assert len(first) == len(second) == 65
+        assert not set(first) & set(second)
+        assert set(first) | set(second) <= set(range(130))
+    assert shards[0][0] != shards[0][1]
+    assert (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.slow
 def test_ddp_training_uses_one_run_directory(tmp_path):
     """Training on 2 ranks writes one run directory: rank 1 neither makes its own nor
     writes a config; results and checkpoints come from rank 0."""
