@@ -96,3 +96,26 @@ def test_a_dropped_net_is_freed_at_once():
         assert dropped() is None
     finally:
         gc.enable()
+
+
+def test_statistics_loaded_through_a_parent_are_used_and_kept():
+    """Evaluate (caching which depths hold equal statistics), then load other statistics
+    through a parent module (as Lightning loads an EKDModule): the next evaluation uses the
+    loaded statistics of every depth, and evaluating leaves every buffer as loaded."""
+    x = torch.randn(4, 3, 8, 8)
+    trained = _net().train()
+    for _ in range(2):  # the depths' statistics now differ
+        trained.forward_depths(torch.randn(4, 3, 8, 8), [(1, 2, 2), *SUBNETS])
+        trained.forward_depths(torch.randn(4, 3, 8, 8), trained.depths)
+    state = {f"net.{k}": v for k, v in trained.state_dict().items()}
+    net = _net().eval()
+    with torch.no_grad():
+        net.forward_depths(x, net.depths)  # every set equal: one partition cached
+    nn.ModuleDict({"net": net}).load_state_dict(state)
+    loaded = _buffers(net)
+    with torch.no_grad():
+        got = [lg for lg, _ in net.forward_depths(x, net.depths)]
+        want = [lg for lg, _ in trained.eval().forward_depths(x, trained.depths)]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_equal(_buffers(net), loaded)

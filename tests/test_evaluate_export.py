@@ -13,6 +13,7 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 
+from ekd_ddnn import front
 from ekd_ddnn.calibration import recalibrate_bn
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.evaluate import evaluate
@@ -173,7 +174,7 @@ def test_cli_export_and_evaluate_errors(best, tmp_path):
     assert f"error: checkpoint {tmp_path / 'nope.ckpt'} does not exist" in result.stderr
 
 
-def test_recalibrate_bn_in_evaluate_and_export(best, tmp_path):
+def test_recalibrate_bn_in_evaluate_and_export(best, tmp_path, monkeypatch):
     """``recalibrate_bn=N`` evaluates the net whose every depth was recalibrated on N training
     images (the same as calling :func:`recalibrate_bn` by hand), and export writes exactly
     that depth's recalibrated statistics; bad values give one line."""
@@ -187,8 +188,16 @@ def test_recalibrate_bn_in_evaluate_and_export(best, tmp_path):
     cfg = compose_config(
         "evaluate", [f"ckpt_path={best}", "recalibrate_bn=96", "speed.enabled=false"], tmp_path
     )
-    rows, built = evaluate(cfg)
-    (evaluated_net,) = built["evaluated"]  # one pass: every depth of the net
+    evaluated_nets = []  # what each pass evaluates, as the module it builds receives it
+
+    class Recording(front.EKDModule):
+        def __init__(self, net, *args, **kwargs) -> None:
+            evaluated_nets.append(net)
+            super().__init__(net, *args, **kwargs)
+
+    monkeypatch.setattr(front, "EKDModule", Recording)
+    rows, _ = evaluate(cfg)
+    (evaluated_net,) = evaluated_nets  # one pass: every depth of the net
     evaluated = evaluated_net.state_dict()
     assert sorted(evaluated) == sorted(by_hand.state_dict())
     assert all(torch.equal(evaluated[k], v) for k, v in by_hand.state_dict().items())

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.front import choose_depths, pareto_flags, pick_for_budget
+from ekd_ddnn.front import check_budget, choose_depths, pareto_flags, pick_for_budget
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import build_net
 from ekd_ddnn.module import EKDModule
+from ekd_ddnn.results import read_reference
 from ekd_ddnn.sampling import sample_depths
 from tests.conftest import run_cli
 
@@ -205,6 +206,53 @@ def test_pick_for_budget_on_a_hand_made_table():
         "no depth fits the budget (macs <= 7e-05M, params <= 1.5e-05M): the cheapest is d [1] "
         "with macs 6e-05M, params 2e-05M, latency_ms 3 ms; raise the budget"
     )
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ({"macs": float("inf")}, "budget.macs must be a positive finite number, got inf"),
+        ({"params": float("nan")}, "budget.params must be a positive finite number, got nan"),
+        ({"latency_ms": -0.0}, "budget.latency_ms must be a positive finite number, got -0.0"),
+        ({"macs": True}, "budget.macs must be a positive finite number, got True"),
+        (
+            {"flops": 5},
+            "unknown budget flops; give budget.macs, budget.params or budget.latency_ms",
+        ),
+    ],
+)
+def test_budget_values_refused(budget, message):
+    with pytest.raises(UserError) as info:
+        check_budget(budget)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "directory"),
+    [
+        ("- {name: a, macs: .nan, top1_err: 3}", False),
+        ("- {name: a, macs: 1, top1_err: .inf}", False),
+        ("", True),
+    ],
+)
+def test_reference_refused_in_one_line(tmp_path, text, directory):
+    """A reference file with a non-finite number, or a directory, is refused in one line."""
+    path = tmp_path / "ref.yaml"
+    if directory:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    with pytest.raises(UserError) as info:
+        read_reference(path)
+    message = str(info.value)
+    assert "\n" not in message
+    if directory:
+        assert message.startswith(f"cannot read reference={path}: ")
+    else:
+        assert message == (
+            f"reference={path} must be a YAML list of {{name: <str>, macs: <number>, "
+            "top1_err: <number>}} with finite numbers"
+        )
 
 
 @pytest.mark.slow

@@ -384,3 +384,19 @@ def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
             assert (g if w is None else w) is None or (g if w is None else w).abs().max() < 1e-12
             continue
         torch.testing.assert_close(g, w, **close)
+
+
+def test_loss_first_called_under_inference_mode_still_trains():
+    """The loss's cached constants made under ``torch.inference_mode`` (an evaluation) serve
+    a later training step: its backward runs."""
+    from ekd_ddnn.losses import _constant
+
+    _constant.cache_clear()  # made afresh below, under inference mode
+    logits, feats, y = _float64_outputs(seed=7, k=2)
+    loss = EKDLoss(attention_stages="differing")
+    with torch.inference_mode():
+        loss.terms(logits, feats, y)
+    for t in logits:
+        t.requires_grad_()
+    loss.terms(logits, feats, y).total.backward()
+    assert all(t.grad is not None for t in logits)

@@ -306,6 +306,8 @@ def test_recalibrate_bn_stats_equals_plain_reestimation(bn_stats):
         ),
         ("cifar_resnet20", [3, 3, 3], "is the full-net itself"),
         ("cifar_resnet20", ["a", 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [2.5, 1, 1], "depth [2.5, 1, 1] is not a list of block counts"),
+        ("cifar_resnet20", [True, 1, 1], "depth [True, 1, 1] is not a list of block counts"),
     ],
 )
 def test_invalid_depths(arch, depth, message):

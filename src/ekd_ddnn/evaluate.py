@@ -68,7 +68,7 @@ def evaluate_rows(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     trained, trained_stats = checkpoint_depths(ckpt, net)
     spec = cfg.depths if isinstance(cfg.depths, str) else OmegaConf.to_container(cfg.depths)
     depths = choose_depths(net, trained, spec, max_depths=cfg.max_depths, seed=cfg.seed)
-    rows, nets = evaluate_depths(
+    rows = evaluate_depths(
         net,
         depths,
         datamodule,
@@ -80,7 +80,7 @@ def evaluate_rows(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
         seed=cfg.seed,
         trained_stats=trained_stats,
     )
-    return rows, {"net": net, "evaluated": nets, "datamodule": datamodule, "depths": depths}
+    return rows, {"net": net, "datamodule": datamodule, "depths": depths}
 
 
 def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
@@ -112,7 +112,7 @@ def evaluate(cfg: DictConfig) -> tuple[list[dict], dict[str, Any]]:
     if recalibrated:
         title += f", BatchNorm re-estimated from {max(recalibrated)} images"
     write_results(rows, out, title=title)
-    reference = read_reference(cfg.reference) if cfg.get("reference") else None
+    reference = read_reference(cfg.reference) if cfg.get("reference") else None  # checked
     plot_front(rows, out / "front.png", title=title, reference=reference)
     log.info("%s\nresults: %s", format_table(rows), out / "results.json")
     return rows, objects
@@ -153,6 +153,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
                 "speed.device=cuda but no CUDA GPU is visible; use speed.device=cpu (or auto), "
                 "or speed.enabled=false"
             )
+    if cfg.get("reference"):
+        read_reference(cfg.reference)  # before any evaluation: a bad file costs nothing
     load_checkpoint(cfg.ckpt_path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from math import inf
 from typing import Any
 
 import numpy as np
@@ -107,10 +108,9 @@ def evaluate_depths(
     per_pass: int,
     seed: int = 0,
     trained_stats: bool = True,
-) -> tuple[list[dict[str, Any]], list[DepthDynamicNet]]:
+) -> list[dict[str, Any]]:
     """One row per depth (full-net first): name, blocks, params, MACs, top-1/top-5 error,
-    whether it was trained, and the images its BatchNorm statistics were re-estimated from;
-    and the nets evaluated (one per pass, with those statistics).
+    whether it was trained, and the images its BatchNorm statistics were re-estimated from.
 
     The depths run ``per_pass`` at a time through the prefix tree (each shared block once).
     ``recalibrate``: ``auto`` re-estimates (from up to 2048 training images) the depths
@@ -125,7 +125,6 @@ def evaluate_depths(
         stale, num_images, at_most = list(depths), int(recalibrate), False
     chunks = [list(depths[i : i + per_pass]) for i in range(0, len(depths), per_pass)]
     metrics: dict[Depth, dict[str, float]] = {}
-    parts = []
     used, seconds = 0, 0.0
     batches: list = []
     if num_images:  # drawn once for every pass: the same images for every depth
@@ -140,12 +139,12 @@ def evaluate_depths(
         start = time.perf_counter()
         base.recalibrate_bn_stats(batches)
         seconds += time.perf_counter() - start
+    done = set() if base is net else {net.full_depth}  # re-estimated once, above
     for k, chunk in enumerate(chunks):
         if len(chunks) > 1:
             log.info("depths %d-%d of %d", k * per_pass + 1, k * per_pass + len(chunk), len(depths))
-        part = base.with_depths(chunk)
-        parts.append(part)
-        redo = [d for d in part.depths if d in stale and (base is net or d != net.full_depth)]
+        part = base.with_depths(chunk)  # one pass's copy, freed after the pass
+        redo = [d for d in part.depths if d in stale and d not in done]
         if num_images and redo:
             start = time.perf_counter()
             part.recalibrate_bn_stats(batches, redo)
@@ -183,7 +182,7 @@ def evaluate_depths(
         row["bn_images"] = used if (num_images and depth in stale) else 0
         if size != net.config["image_size"]:
             row["image_size"] = size
-    return pareto_flags(rows), parts
+    return pareto_flags(rows)
 
 
 def pareto_flags(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,8 +216,8 @@ def check_budget(budget: Mapping[str, Any]) -> dict[str, float]:
         raise UserError("give a budget: budget.macs=<count>, budget.params=<count> or "
                         "budget.latency_ms=<ms> (several must all hold)")  # fmt: skip
     for key, value in limits.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise UserError(f"budget.{key} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+            raise UserError(f"budget.{key} must be a positive finite number, got {value!r}")
     return limits
 
 

@@ -32,18 +32,15 @@ from ekd_ddnn.errors import UserError
 MODES = ("individual", "ddnn", "ekd")
 SAMPLINGS = ("fixed", "lattice")
 ATTENTION_STAGES = ("all", "differing")
-_EPS = 1e-12  # F.normalize's
 
 
 def attention_maps(features: Sequence[Tensor], scale: float = 1.0) -> Tensor:
     """``norm(A) * scale`` of each of ``features`` (B, C, H, W) of one stage, stacked:
     (len, B, H*W).
 
-    The channel-sum map, flattened, divided by its L2 norm per sample (as ``F.normalize``,
-    with ``x * rsqrt(max(|x|^2, eps^2))``: its backward is a few products, where the norm's
-    masks out zero norms at several times the cost). Channels are summed with at least
-    float32 accumulation, so a bf16 map is never upcast to a float32 copy; a tensor given
-    twice (depths sharing a stage output) is summed once.
+    The channel-sum map, flattened, divided by its L2 norm per sample (``F.normalize``).
+    Channels are summed with at least float32 accumulation, so a bf16 map is never upcast to
+    a float32 copy; a tensor given twice (depths sharing a stage output) is summed once.
     """
     sums: dict[int, Tensor] = {}
     for f in features:
@@ -51,8 +48,7 @@ def attention_maps(features: Sequence[Tensor], scale: float = 1.0) -> Tensor:
             accumulate = torch.promote_types(f.dtype, torch.float32)
             sums[id(f)] = f.sum(dim=1, dtype=None if f.dtype == accumulate else accumulate)
     maps = torch.stack([sums[id(f)] for f in features]).flatten(2)
-    squared_norms = maps.pow(2).sum(dim=-1, keepdim=True).clamp_min(_EPS**2)
-    return maps * (squared_norms * scale**-2).rsqrt()
+    return F.normalize(maps, dim=-1) * scale
 
 
 @dataclass
@@ -252,4 +248,5 @@ def _batch_pixels(feature: Tensor) -> int:
 def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     """``values`` as a tensor on ``device``, built once per pattern: a host-to-device copy in
     every step would wait for the GPU's queue."""
-    return torch.tensor(values, device=device, dtype=dtype)
+    with torch.inference_mode(False):  # cached: must serve training even if made in inference
+        return torch.tensor(values, device=device, dtype=dtype)

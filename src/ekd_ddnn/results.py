@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -265,7 +266,9 @@ def read_reference(path: str | Path) -> list[dict]:
         isinstance(i, dict)
         and isinstance(i.get("name"), str)
         and all(
-            isinstance(i.get(k), int | float) and not isinstance(i.get(k), bool)
+            isinstance(i.get(k), int | float)
+            and not isinstance(i.get(k), bool)
+            and math.isfinite(i.get(k))
             for k in ("macs", "top1_err")
         )
         for i in items
@@ -273,7 +276,7 @@ def read_reference(path: str | Path) -> list[dict]:
     if not good:
         raise UserError(
             f"reference={path} must be a YAML list of {{name: <str>, macs: <number>, "
-            "top1_err: <number>}}"
+            "top1_err: <number>}} with finite numbers"
         )
     return items
 

@@ -56,6 +56,8 @@ class DepthDynamicNet(nn.Module):
         self._namer = namer
         self._extractor = extractor
         self._bn_stats: DepthBNStats | None = None  # private statistics, if any
+        # loaded statistics (also through a parent module's load) make cached partitions stale
+        self.register_load_state_dict_post_hook(_forget_partitions)
         self.config = dict(config or {})
         self.subnets: list[Depth] = []
         for depth in subnets:
@@ -72,7 +74,7 @@ class DepthDynamicNet(nn.Module):
     @property
     def private_bn_stats(self) -> bool:
         """Whether each depth keeps BatchNorm running statistics of its own."""
-        return self.config.get("bn_stats", "shared") == "private"
+        return self._bn_stats is not None
 
     def use_private_bn_stats(self) -> None:
         """Give every depth its own BatchNorm running statistics (affine weights stay shared),
@@ -219,6 +221,8 @@ class DepthDynamicNet(nn.Module):
         """Validate ``depth`` against the full-net; return it as a tuple of ints."""
         valid = ", ".join(f"1..{n}" for n in self.full_depth)
         try:
+            if any(isinstance(n, bool) or int(n) != n for n in depth):
+                raise ValueError  # True, 2.5: not block counts, never rounded
             depth = tuple(int(n) for n in depth)
         except (TypeError, ValueError):
             raise InvalidDepthError(
@@ -265,8 +269,6 @@ class DepthDynamicNet(nn.Module):
                     f"(private BN statistics); run one of {[list(d) for d in ours]}"
                 )
             stats = self._bn_stats.sets_for([ours.index(d) if d in ours else None for d in depths])
-            if self.training:
-                self._bn_stats.invalidate()  # statistics change in train mode
         features: list[list[Tensor]] = [[] for _ in depths]
         logits: list[Tensor | None] = [None] * len(depths)
         if self.config.get("channels_last"):
@@ -301,13 +303,10 @@ class DepthDynamicNet(nn.Module):
 
     def train(self, mode: bool = True) -> DepthDynamicNet:
         if self._bn_stats is not None:
-            self._bn_stats.invalidate()  # statistics may change
-        return super().train(mode)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        if self._bn_stats is not None:
+            # the partitions are read in eval mode only, and train mode changes statistics:
+            # forgotten at every switch, so no training step pays for it
             self._bn_stats.invalidate()
-        return super().load_state_dict(*args, **kwargs)
+        return super().train(mode)
 
     def _run_group(
         self,
@@ -391,6 +390,12 @@ class DepthDynamicNet(nn.Module):
         strip_private(net)
         net.load_state_dict(self.subnet_state_dict(depth))
         return net
+
+
+def _forget_partitions(net: DepthDynamicNet, incompatible_keys: Any) -> None:
+    """Load-state-dict post-hook: the statistics were replaced, their partitions are stale."""
+    if net._bn_stats is not None:
+        net._bn_stats.invalidate()
 
 
 def kaiming_init_convs(module: nn.Module) -> None:

@@ -97,9 +97,10 @@ class DepthBNStats:
     def run(self, module: nn.Module, x: Tensor, ids: Sequence[int]) -> Tensor:
         """Run ``module`` once on ``x`` for the depths of sets ``ids`` (all holding input ``x``).
 
-        Its BatchNorm layers use the first set's statistics, and the updated ones are copied to
-        the others: the depths of a group have seen the same inputs, so their statistics are
-        equal, as in separate runs. The net's sets lead: scratch statistics never spread.
+        Its BatchNorm layers use the first set's statistics, and in train mode the updated
+        ones are copied to the others: the depths of a group have seen the same inputs, so
+        their statistics are equal, as in separate runs. The net's sets lead: scratch
+        statistics never spread.
         """
         ids = sorted(ids, key=lambda i: i >= self.count)
         layers = self._layers[module]
@@ -109,10 +110,11 @@ class DepthBNStats:
                 bn._buffers[key] = bn._buffers[stat_key(key, ids[0])]
         try:
             out = module(x)
-            for bn in layers:
-                for other in ids[1:]:
-                    for key in BN_STATS:
-                        bn._buffers[stat_key(key, other)].copy_(bn._buffers[key])
+            if module.training:  # eval leaves the statistics as they are: nothing to spread
+                for bn in layers:
+                    for other in ids[1:]:
+                        for key in BN_STATS:
+                            bn._buffers[stat_key(key, other)].copy_(bn._buffers[key])
         finally:
             for bn, buffers in zip(layers, saved, strict=True):
                 bn._buffers.update(buffers)
