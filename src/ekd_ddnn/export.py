@@ -114,7 +114,7 @@ def export_from_checkpoint(
 ) -> dict:  # fmt: skip
     """Export ``depth`` of a checkpoint's net with the BatchNorm statistics ``cfg``'s
     ``recalibrate_bn`` gives it (re-estimated on ``cfg.data`` or the checkpoint's data)."""
-    ready, _ = depth_ready(
+    ready = depth_ready(
         ckpt, net, tuple(depth), cfg.recalibrate_bn, data=cfg.get("data"), seed=cfg.seed
     )
     overwrite = cfg.overwrite if overwrite is None else overwrite

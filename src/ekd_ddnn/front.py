@@ -51,23 +51,22 @@ def depth_ready(
     *,
     data: Any = None,
     seed: int = 0,
-) -> tuple[DepthDynamicNet, int]:
-    """(a net that can extract ``depth`` with the right BatchNorm statistics, the images they
-    were re-estimated from): ``recalibrate`` as in :func:`evaluate_depths`, on the training
-    images of ``data`` (a data config; default the checkpoint's)."""
+) -> DepthDynamicNet:
+    """A net that can extract ``depth`` with the right BatchNorm statistics: ``recalibrate``
+    as in :func:`evaluate_depths`, on the training images of ``data`` (a data config; default
+    the checkpoint's)."""
     trained, trained_stats = checkpoint_depths(ckpt, net)
     stale = not trained_stats or depth not in trained
     needed = recalibrate != 0 and (recalibrate != "auto" or stale)
     if depth not in net.depths or needed:
         net = net.with_depths([depth])
-    if not needed:
-        return net, 0
-    num_images = 2048 if recalibrate == "auto" else int(recalibrate)
-    datamodule = instantiate(data_config(ckpt, data))
-    used = recalibrate_bn(
-        net, datamodule, num_images, seed=seed, depths=[depth], at_most=recalibrate == "auto"
-    )
-    return net, used
+    if needed:
+        num_images = 2048 if recalibrate == "auto" else int(recalibrate)
+        datamodule = instantiate(data_config(ckpt, data))
+        recalibrate_bn(
+            net, datamodule, num_images, seed=seed, depths=[depth], at_most=recalibrate == "auto"
+        )
+    return net
 
 
 def choose_depths(

@@ -80,6 +80,8 @@ class EKDModule(L.LightningModule):
         self.lattice = net.lattice() if loss.sampling == "lattice" else None
         if self.lattice is not None:
             check_num_sampled(self.lattice, loss.num_sampled)
+            # the full-net and the smallest depth, trained every step, under their own names
+            self.lattice_names = [net.name_of(d) for d in (self.lattice[0], self.lattice[-1])]
             if net.config.get("compile") and net.config.get("compile_mode") == "reduce-overhead":
                 raise UserError(
                     "model.compile_mode=reduce-overhead records CUDA graphs for one set of depths "
@@ -103,15 +105,7 @@ class EKDModule(L.LightningModule):
     def metric_keys(self) -> set[str]:
         """Every key this module logs (what a checkpoint or early-stopping monitor may name)."""
         keys = {"train/loss"}
-        trained = (
-            self.names
-            if self.lattice is None
-            else [
-                self.net.name_of(self.lattice[0]),
-                self.net.name_of(self.lattice[-1]),
-                "sampled_mean",
-            ]
-        )
+        trained = self.names if self.lattice is None else [*self.lattice_names, "sampled_mean"]
         for name in trained:
             keys |= {f"train/{term}/{name}" for term in ("ce", "kl", "mse")}
         for split in SPLITS:
@@ -147,8 +141,7 @@ class EKDModule(L.LightningModule):
         depths = sample_depths(
             self.lattice, self.loss.num_sampled, seed=self.seed, step=self.global_step
         )
-        names = [self.net.name_of(d) for d in depths[:2]]
-        return depths, names + ["sampled"] * (len(depths) - 2)
+        return depths, self.lattice_names + ["sampled"] * (len(depths) - 2)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

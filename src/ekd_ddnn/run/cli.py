@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ekd_ddnn import CONFIG_DIR
-from ekd_ddnn.errors import UserError, find_user_error
+from ekd_ddnn.errors import DivergedError, UserError, find_user_error
 from ekd_ddnn.results import read_overrides
 from ekd_ddnn.run.rundir import holds_run, run_dir_lock, write_record
 
@@ -117,7 +118,9 @@ def command(
 ) -> Callable[[Callable[[DictConfig], T]], Callable[[DictConfig], T]]:
     """Wrap a Hydra task function: ``check(cfg)``, then (commands with a run directory)
     lock it, refuse one that already holds a run (unless ``resume``), write the run's
-    record; then run the task.
+    record; then run the task. A task that refuses its config before it wrote any output
+    (a :class:`UserError` from building the network, data, ...) takes its record back: the
+    directory holds no record of a run that never ran.
 
     Ranks other than 0 of a DDP run share rank 0's directory and skip all but the check.
     """
@@ -139,8 +142,18 @@ def command(
                         f"run directory {out} already holds a run; continue it with "
                         f"resume={out}, or choose another hydra.run.dir"
                     )
-                write_record(cfg, out, resumed=resumed)
-                return fn(cfg)
+                record = write_record(cfg, out, resumed=resumed)
+                try:
+                    return fn(cfg)
+                except Exception as exc:
+                    refusal = find_user_error(exc)
+                    if (
+                        refusal is not None
+                        and not isinstance(refusal, DivergedError)
+                        and (resumed or not holds_run(out))  # refused before it ran
+                    ):
+                        shutil.rmtree(record, ignore_errors=True)
+                    raise
 
         return wrapper
 
