@@ -218,21 +218,41 @@ def _bind(step: Step, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
 
 
 def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Callable[[], None]]:
-    """The EKD and the CE-only loss, forward and backward, on one step's outputs held fixed.
+    """The EKD and the CE-only loss, forward and backward, on one step's outputs held fixed,
+    and the floor of the attention terms.
 
     Their time difference is the distillation terms' own cost, measured without the network
-    around it, so far less noisy than ``ekd`` against ``ddnn``. It leaves out one cost the
-    full step has: adding the attention-map gradients into the stage outputs' gradients.
+    around it, so far less noisy than ``ekd`` against ``ddnn``. Each mode keeps its outputs
+    (leaves) and their ``.grad`` from call to call, so a gradient is added into an existing
+    one, as in a step, where the attention maps' gradient is added into the gradient the
+    stage output gets from the layers after it (a fresh ``.grad`` would instead be a copy
+    made by a node a step does not have).
+
+    ``loss_floor`` is the CE-only loss plus what any implementation of the attention terms
+    pays before its arithmetic: one channel sum over every stage output, and a gradient
+    added into each in the backward.
     """
     with torch.no_grad():
         outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
 
-    def run(loss_fn: EKDLoss) -> None:
-        logits = [o[0].detach().requires_grad_() for o in outputs]
-        features = [[f.detach().requires_grad_() for f in o[1]] for o in outputs]
+    def leaves() -> tuple[list[Tensor], list[list[Tensor]]]:
+        logits = [o[0].detach().clone().requires_grad_() for o in outputs]
+        return logits, [[f.detach().clone().requires_grad_() for f in o[1]] for o in outputs]
+
+    def run(loss_fn: EKDLoss, logits: list[Tensor], features: list[list[Tensor]]) -> None:
         loss_fn.terms(logits, features, y).total.backward()
 
-    return {"loss_ekd": lambda: run(EKDLoss()), "loss_ddnn": lambda: run(EKDLoss(mode="ddnn"))}
+    def floor(logits: list[Tensor], features: list[list[Tensor]]) -> None:
+        total = EKDLoss(mode="ddnn").terms(logits, features, y).total
+        sums = torch.stack([f.sum(dim=1).sum() for fs in features for f in fs])
+        (total + sums.sum()).backward()
+
+    ekd, ddnn, floored = leaves(), leaves(), leaves()
+    return {
+        "loss_ekd": lambda: run(EKDLoss(), *ekd),
+        "loss_ddnn": lambda: run(EKDLoss(mode="ddnn"), *ddnn),
+        "loss_floor": lambda: floor(*floored),
+    }
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -461,9 +481,7 @@ def _run(args: argparse.Namespace) -> dict:
     loss_times, _ = time_interleaved(
         loss_only_modes(net, x, y), repeats=max(20, args.repeats), warmup=2, device=device
     )
-    loss_extra = statistics.median(loss_times["loss_ekd"]) - statistics.median(
-        loss_times["loss_ddnn"]
-    )
+    loss_median = {name: statistics.median(t) for name, t in loss_times.items()}
 
     config = {
         "arch": s["arch"],
@@ -494,7 +512,9 @@ def _run(args: argparse.Namespace) -> dict:
     ranges = {key: paired_ratios(times, *pair) for key, pair in pairs.items()}
     result = {key: statistics.median(r) for key, r in ranges.items()}
     result["distill_overhead"] -= 1.0
-    result["distill_overhead_loss_only"] = loss_extra / statistics.median(times["ddnn"])
+    for key, mode in (("loss_only", "loss_ekd"), ("loss_floor", "loss_floor")):
+        extra = loss_median[mode] - loss_median["loss_ddnn"]
+        result[f"distill_overhead_{key}"] = extra / statistics.median(times["ddnn"])
     result["ideal_flops_ratio"] = ideal
     result["ekd_over_ideal"] = result["ekd_over_individual"] / ideal - 1.0
     result = {k: round(v, 4) for k, v in result.items()}
@@ -545,8 +565,13 @@ def _run(args: argparse.Namespace) -> dict:
     print(f"distill_overhead = ekd / ddnn - 1 = {100 * result['distill_overhead']:+.2f}%")
     print(
         f"distill_overhead_loss_only = {100 * result['distill_overhead_loss_only']:+.2f}% of the "
-        f"ddnn step: EKD loss fwd+bwd {1e3 * statistics.median(loss_times['loss_ekd']):.1f} ms, "
-        f"CE-only {1e3 * statistics.median(loss_times['loss_ddnn']):.1f} ms"
+        f"ddnn step: EKD loss fwd+bwd {1e3 * loss_median['loss_ekd']:.2f} ms, "
+        f"CE-only {1e3 * loss_median['loss_ddnn']:.2f} ms"
+    )
+    print(
+        f"distill_overhead_loss_floor = {100 * result['distill_overhead_loss_floor']:+.2f}%: "
+        "CE-only plus a channel sum of every stage output and a gradient added into each "
+        f"({1e3 * loss_median['loss_floor']:.2f} ms), what any attention term pays"
     )
     memory = activation_memory(net, x, y)
     largest = max(memory[name] for name in net.names)

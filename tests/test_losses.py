@@ -389,14 +389,34 @@ def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
 def test_loss_first_called_under_inference_mode_still_trains():
     """The loss's cached constants made under ``torch.inference_mode`` (an evaluation) serve
     a later training step: its backward runs."""
-    from ekd_ddnn.losses import _constant
+    from ekd_ddnn.losses import _constant, _pixel_weights
 
     _constant.cache_clear()  # made afresh below, under inference mode
+    _pixel_weights.cache_clear()
     logits, feats, y = _float64_outputs(seed=7, k=2)
     loss = EKDLoss(attention_stages="differing")
     with torch.inference_mode():
         loss.terms(logits, feats, y)
-    for t in logits:
+    leaves = [*logits, *(f for fs in feats for f in fs)]
+    for t in leaves:
         t.requires_grad_()
     loss.terms(logits, feats, y).total.backward()
-    assert all(t.grad is not None for t in logits)
+    assert all(t.grad is not None for t in leaves)
+
+
+@pytest.mark.parametrize("mode", ["ekd", "ddnn"])
+def test_total_is_not_rounded_to_bf16_under_autocast(mode):
+    """Under bf16 autocast (bf16 logits and feature maps, as a bf16-mixed step gives them)
+    the total and every term are float32 and equal the float32 computation on the same
+    values: no term or weighting goes through a bf16 matrix product."""
+    gen = torch.Generator().manual_seed(3)
+    logits = [torch.randn(8, 10, generator=gen).bfloat16() for _ in range(3)]
+    feats = [[torch.rand(8, 16, 4, 4, generator=gen).bfloat16()] for _ in range(3)]
+    y = torch.randint(10, (8,), generator=gen)
+    loss = EKDLoss(mode=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss.terms(logits, feats, y)
+    want = loss.terms([t.float() for t in logits], [[f.float() for f in fs] for fs in feats], y)
+    assert got.total.dtype == got.ce_per_depth.dtype == torch.float32
+    torch.testing.assert_close(got.total, want.total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.ce_per_depth, want.ce_per_depth, rtol=1e-6, atol=0)

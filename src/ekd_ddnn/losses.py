@@ -29,26 +29,29 @@ from torch import Tensor
 
 from ekd_ddnn.errors import UserError
 
+_EPS = 1e-12  # F.normalize's floor on a norm
+
 MODES = ("individual", "ddnn", "ekd")
 SAMPLINGS = ("fixed", "lattice")
 ATTENTION_STAGES = ("all", "differing")
 
 
-def attention_maps(features: Sequence[Tensor], scale: float = 1.0) -> Tensor:
-    """``norm(A) * scale`` of each of ``features`` (B, C, H, W) of one stage, stacked:
+def attention_maps(features: Sequence[Tensor]) -> Tensor:
+    """The attention map of each of ``features`` (B, C, H, W) of one stage, stacked:
     (len, B, H*W).
 
-    The channel-sum map, flattened, divided by its L2 norm per sample (``F.normalize``).
-    Channels are summed with at least float32 accumulation, so a bf16 map is never upcast to
-    a float32 copy; a tensor given twice (depths sharing a stage output) is summed once.
+    The channel-sum map, flattened, divided by its L2 norm per sample (the arithmetic of
+    ``F.normalize``, without its ``expand_as``: one autograd node fewer per stage). Channels
+    are summed with at least float32 accumulation, so a bf16 map is never upcast to a float32
+    copy; a tensor given twice (depths sharing a stage output) is summed once.
     """
+    dtype, accumulate = features[0].dtype, _accumulation(features[0].dtype)
     sums: dict[int, Tensor] = {}
     for f in features:
         if id(f) not in sums:
-            accumulate = torch.promote_types(f.dtype, torch.float32)
-            sums[id(f)] = f.sum(dim=1, dtype=None if f.dtype == accumulate else accumulate)
+            sums[id(f)] = f.sum(dim=1, dtype=None if dtype == accumulate else accumulate)
     maps = torch.stack([sums[id(f)] for f in features]).flatten(2)
-    return F.normalize(maps, dim=-1) * scale
+    return maps / torch.linalg.vector_norm(maps, dim=-1, keepdim=True).clamp_min(_EPS)
 
 
 @dataclass
@@ -59,12 +62,32 @@ class EKDTerms:
     hold ``KL_t, KL_1..KL_K`` (without the ensemble terms: ``KL_1..KL_K`` only), or are None
     where the mode computes no distillation. The list views put ``None`` where a term is left
     out.
+
+    A step needs only ``total``; the terms are logged on a few steps, so they are kept as
+    the sums the total is made of and scaled when read: ``raw`` holds, per depth, the
+    summed log-probability of the targets (``-B * CE``), then, per student, ``B * KL / T^2``
+    and the sum over stages of the attention MSEs; ``raw * scales`` are the terms.
+    ``students`` counts the KL (and the MSE) terms, None where the mode has none.
     """
 
     total: Tensor
-    ce_per_depth: Tensor
-    kl_per_depth: Tensor | None = None
-    mse_per_depth: Tensor | None = None
+    raw: Tensor
+    scales: Tensor
+    depths: int
+    students: int | None = None
+
+    @property
+    def ce_per_depth(self) -> Tensor:
+        return self._scaled(0, self.depths)
+
+    @property
+    def kl_per_depth(self) -> Tensor | None:
+        return None if self.students is None else self._scaled(self.depths, self.students)
+
+    @property
+    def mse_per_depth(self) -> Tensor | None:
+        students = self.students
+        return None if students is None else self._scaled(self.depths + students, students)
 
     @property
     def ce(self) -> list[Tensor]:
@@ -78,11 +101,13 @@ class EKDTerms:
     def mse(self) -> list[Tensor | None]:
         return self._listed(self.mse_per_depth)
 
+    def _scaled(self, start: int, length: int) -> Tensor:
+        return self.raw[start : start + length] * self.scales[start : start + length]
+
     def _listed(self, values: Tensor | None) -> list[Tensor | None]:
-        depths = len(self.ce_per_depth)
         if values is None:
-            return [None] * depths
-        return [None] * (depths - len(values)) + list(values.unbind())
+            return [None] * self.depths
+        return [None] * (self.depths - len(values)) + list(values.unbind())
 
 
 @dataclass
@@ -168,22 +193,36 @@ class EKDLoss:
         depths = len(logits)
         if self.mode == "individual" and depths > 1:
             raise ValueError(f"mode 'individual' trains one net, got {depths} outputs")
-        # Every term is computed on the depths stacked along a leading axis: a few kernels per
-        # loss rather than a few per depth (the GPU step is bound by kernel launches).
+        # Every term is computed on the depths stacked along a leading axis, and every constant
+        # factor waits for one weighted sum at the end: a few kernels per loss rather than a
+        # few per depth and term (the GPU step is bound by kernel launches).
         stacked = torch.stack(list(logits))  # (D, B, classes)
-        log_probs = F.log_softmax(stacked, dim=-1)
+        # at least float32 from here on, whatever autocast's lists say (bf16 logits of a
+        # bf16-mixed step): no term and no weighting is rounded to bf16
+        log_probs = F.log_softmax(stacked, dim=-1, dtype=_accumulation(stacked.dtype))
         picked = log_probs.gather(-1, targets.view(1, -1, 1).expand(depths, -1, 1))
-        ce = -picked.mean(dim=(1, 2))
-        # CE_t + mean of the sub-nets' CE, as one product (indexing would add copies in backward)
-        weights = (1.0,) + (1.0 / max(depths - 1, 1),) * (depths - 1)
-        total = ce @ _constant(weights, ce.device, ce.dtype)
+        log_likelihood = picked.sum(dim=(1, 2))  # -B * CE per depth
+        batch = len(targets)
+        ce_scales = (-1.0 / batch,) * depths
+        ce_weights = (-1.0 / batch,) + (-1.0 / (batch * max(depths - 1, 1)),) * (depths - 1)
         if not self.distills:
-            return EKDTerms(total, ce)
+            device, dtype = log_likelihood.device, log_likelihood.dtype
+            total = (log_likelihood * _constant(ce_weights, device, dtype)).sum()
+            return EKDTerms(total, log_likelihood, _constant(ce_scales, device, dtype), depths)
         kl = self._kl(stacked, log_probs)
-        mse = self._mse(features)
-        scale = 1.0 / depths
-        total = total + self.w * scale * kl.sum() + self.a * scale * mse.sum()
-        return EKDTerms(total, ce, kl, mse)
+        mse, counts = self._mse(features)
+        students = len(kl)
+        raw = torch.cat([log_likelihood, kl, mse])  # promoted: the total is never summed in bf16
+        kl_scales = (self.temperature**2 / batch,) * students
+        mse_scales = tuple(1.0 / count for count in counts)
+        weights = (
+            ce_weights
+            + tuple(self.w / depths * v for v in kl_scales)
+            + tuple(self.a / depths * v for v in mse_scales)
+        )
+        scales = _constant(ce_scales + kl_scales + mse_scales, raw.device, raw.dtype)
+        total = (raw * _constant(weights, raw.device, raw.dtype)).sum()
+        return EKDTerms(total, raw, scales, depths, students)
 
     def _teachers(self, values: Tensor) -> Tensor:
         """The teacher of each student row of ``values`` (D, ...), detached: the depths'
@@ -200,48 +239,64 @@ class EKDLoss:
         return values if self.ensemble else values[1:]
 
     def _kl(self, stacked: Tensor, log_probs: Tensor) -> Tensor:
-        """``T^2 KL(teacher || student)`` per student, mean over the batch, from the stacked
-        logits (``log_probs``: their log-softmax at ``T = 1``, reused where ``T = 1``)."""
+        """``B * KL(teacher || student) / T^2`` per student from the stacked logits
+        (``log_probs``: their log-softmax at ``T = 1``, reused where ``T = 1``)."""
         if self.temperature != 1:
-            log_probs = F.log_softmax(stacked / self.temperature, dim=-1)
-        teachers = self._teachers(log_probs.exp())
+            log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
+        teachers = self._teachers(log_probs.detach().exp())
         pointwise = F.kl_div(self._students(log_probs), teachers, reduction="none")
-        return pointwise.sum(dim=(1, 2)) * (self.temperature**2 / log_probs.shape[1])
+        return pointwise.sum(dim=(1, 2))
 
-    def _mse(self, features: Sequence[Sequence[Tensor]]) -> Tensor:
-        """``MSE_t, MSE_1..MSE_K`` (sub-nets only without the ensemble terms): per student
-        the mean over its stages (``attention_stages``) of the attention maps' MSE.
+    def _mse(self, features: Sequence[Sequence[Tensor]]) -> tuple[Tensor, list[int]]:
+        """Per student (``MSE_t, MSE_1..MSE_K``, sub-nets only without the ensemble terms) the
+        sum over stages of the attention maps' MSE, and the number of stages its mean is over
+        (``attention_stages``).
 
-        The stages' maps are scaled by ``1/sqrt(B * H_s W_s)`` and joined along the pixels,
-        so one difference and one sum give every depth's sum over stages of the per-stage
-        MSE. A stage whose output every depth shares adds exactly zero for the sub-nets (and
-        a rounding-level zero for ``MSE_t``), so it is not computed; it still counts in the
+        The stages' maps are joined along the pixels and weighted by ``1/(B * H_s W_s)``,
+        so one difference and one weighted sum give every depth's sum over stages. A stage
+        whose output every depth shares adds exactly zero for the sub-nets (and a
+        rounding-level zero for ``MSE_t``), so it is not computed; it still counts in the
         mean over stages with ``all``, as in the paper's formula.
         """
         stages = range(len(features[0]))
         full = features[0]
         differs = [[f[s] is not full[s] for s in stages] for f in features]
         computed = [s for s in stages if any(d[s] for d in differs[1:])]
-        if not computed:
-            dtype = torch.promote_types(full[0].dtype, torch.float32)
-            return full[0].new_zeros(len(self._students(features)), dtype=dtype)
-        joined = torch.cat(
-            [
-                attention_maps([f[s] for f in features], 1 / math.sqrt(_batch_pixels(full[s])))
-                for s in computed
-            ],
-            dim=-1,
-        )
-        sums = (self._students(joined) - self._teachers(joined)).pow(2).sum(dim=(1, 2))
         if self.attention_stages == "all":
-            return sums / len(stages)
-        counts = [len(computed)] + [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
-        return sums / _constant(tuple(self._students(counts)), sums.device, sums.dtype)
+            counts = [len(stages)] * len(features)
+        else:
+            counts = [max(1, len(computed))]
+            counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
+        counts = self._students(counts)
+        if not computed:
+            return full[0].new_zeros(len(counts), dtype=_accumulation(full[0].dtype)), counts
+        joined = torch.cat([attention_maps([f[s] for f in features]) for s in computed], dim=-1)
+        shape = tuple(_batch_pixels(full[s]) for s in computed)
+        pixel_weights = _pixel_weights(shape, joined.device, joined.dtype)
+        squares = (self._students(joined) - self._teachers(joined)).pow(2)
+        return (squares * pixel_weights).sum(dim=(1, 2)), counts
 
 
-def _batch_pixels(feature: Tensor) -> int:
-    """``B * H * W`` of a (B, C, H, W) feature map: the element count of its attention map."""
-    return feature.shape[0] * math.prod(feature.shape[2:])
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss term of ``dtype`` inputs is computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _batch_pixels(feature: Tensor) -> tuple[int, int]:
+    """``(B, H * W)`` of a (B, C, H, W) feature map: the shape of its attention map."""
+    return feature.shape[0], math.prod(feature.shape[2:])
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_weights(
+    shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``1 / (B * H_s W_s)`` for each pixel of the stages' joined attention maps: a squared
+    difference summed with these weights is the sum over stages of the per-stage MSE."""
+    with torch.inference_mode(False):  # cached: must serve training even if made in inference
+        return torch.cat(
+            [torch.full((pixels,), 1.0 / (batch * pixels), dtype=dtype) for batch, pixels in shapes]
+        ).to(device)
 
 
 @functools.lru_cache(maxsize=256)
