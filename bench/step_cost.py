@@ -40,7 +40,7 @@ from settings import add_threads_argument, bench_threads
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
 from ekd_ddnn.sampling import sample_depths
 
@@ -146,16 +146,25 @@ def build_modes(
     return modes
 
 
-def lattice_step(net: DepthDynamicNet, optimizer: torch.optim.Optimizer) -> Step:
+def lattice_step(
+    net: DepthDynamicNet,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: EKDLoss | None = None,
+    patterns: set | None = None,
+) -> Step:
     """The EKD step of ``ekd.sampling=lattice``: a new set of depths every call (the
-    full-net, the smallest and two drawn, as in training)."""
+    full-net, the smallest and two drawn, as in training). ``patterns`` collects the
+    stage-sharing pattern of every call (a compiled loss makes one graph per pattern)."""
     lattice, calls = net.lattice(), itertools.count()
-    loss_fn = EKDLoss(sampling="lattice")
+    loss_fn = loss_fn or EKDLoss(sampling="lattice")
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         depths = sample_depths(lattice, min(2, len(lattice) - 2), seed=0, step=next(calls))
         optimizer.zero_grad(set_to_none=True)
-        total = loss_fn(net.forward_depths(x, depths), y).total
+        outputs = net.forward_depths(x, depths)
+        if patterns is not None:
+            patterns.add(sharing_pattern([features for _, features in outputs]))
+        total = loss_fn(outputs, y).total
         total.backward()
         optimizer.step()
         return total.detach()
@@ -165,10 +174,12 @@ def lattice_step(net: DepthDynamicNet, optimizer: torch.optim.Optimizer) -> Step
 
 def compiled_modes(
     net: DepthDynamicNet, x: Tensor, y: Tensor
-) -> dict[str, Callable[[], Tensor | list[Tensor]]]:
-    """What ``--compile`` compares: the eager EKD step against the same step with every block
-    compiled (``model.compile=true``: ``compile_blocks``), the compiled CE-only step, and the
-    compiled step of lattice sampling (a new set of depths every call: reuses the graphs)."""
+) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], set]:
+    """What ``--compile`` compares: the eager EKD step against the same step compiled as
+    ``model.compile=true`` compiles it (every block on its own, ``compile_blocks``, and the
+    loss, ``EKDLoss.compile``), the compiled CE-only step, and the compiled step of lattice
+    sampling (a new set of depths every call: the blocks reuse their graphs, the loss makes
+    one per new stage-sharing pattern); and the set the lattice step adds its patterns to."""
     modes = {}
     for name, loss, compiled in (
         ("ekd", EKDLoss(), False),
@@ -178,19 +189,26 @@ def compiled_modes(
         copy_ = copy.deepcopy(net).train()
         if compiled:
             copy_.compile_blocks()
+            loss.compile()
         modes[name] = _bind(ekd_step(copy_, loss, make_sgd(copy_.parameters())), x, y)
     copy_ = copy.deepcopy(net).train()
     copy_.compile_blocks()
-    modes["lattice_compiled"] = _bind(lattice_step(copy_, make_sgd(copy_.parameters())), x, y)
-    return modes
+    lattice_loss, patterns = EKDLoss(sampling="lattice"), set()
+    lattice_loss.compile()
+    lattice = lattice_step(copy_, make_sgd(copy_.parameters()), lattice_loss, patterns)
+    modes["lattice_compiled"] = _bind(lattice, x, y)
+    return modes, patterns
 
 
-def compile_seconds(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
-    """Seconds of each compiled function's first call: Dynamo's tracing and the backend's
-    code generation (inductor: kernels for ``device``), then one run."""
+def compile_seconds(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, every: bool = False
+) -> dict[str, float]:
+    """Seconds of each compiled function's first call (those named ``*_compiled``, or
+    ``every`` one): Dynamo's tracing and the backend's code generation (inductor: kernels
+    for ``device``), then one run."""
     seconds = {}
     for name, fn in fns.items():
-        if name.endswith("_compiled"):
+        if every or name.endswith("_compiled"):
             start = time.perf_counter()
             fn()
             synchronize(device)
@@ -217,9 +235,12 @@ def _bind(step: Step, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     return lambda: step(x, y)
 
 
-def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Callable[[], None]]:
+def loss_only_modes(
+    net: DepthDynamicNet, x: Tensor, y: Tensor, *, compiled: bool = False
+) -> dict[str, Callable[[], None]]:
     """The EKD and the CE-only loss, forward and backward, on one step's outputs held fixed,
-    and the floor of the attention terms.
+    and the floor of the attention terms; ``compiled``: the losses ``model.compile=true``
+    trains with (``EKDLoss.compile``, inductor).
 
     Their time difference is the distillation terms' own cost, measured without the network
     around it, so far less noisy than ``ekd`` against ``ddnn``. Each mode keeps its outputs
@@ -234,6 +255,10 @@ def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Cal
     """
     with torch.no_grad():
         outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
+    ekd, ddnn = EKDLoss(), EKDLoss(mode="ddnn")
+    if compiled:
+        ekd.compile()
+        ddnn.compile()
 
     def leaves() -> tuple[list[Tensor], list[list[Tensor]]]:
         logits = [o[0].detach().clone().requires_grad_() for o in outputs]
@@ -243,16 +268,18 @@ def loss_only_modes(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, Cal
         loss_fn.terms(logits, features, y).total.backward()
 
     def floor(logits: list[Tensor], features: list[list[Tensor]]) -> None:
-        total = EKDLoss(mode="ddnn").terms(logits, features, y).total
+        total = ddnn.terms(logits, features, y).total
         sums = torch.stack([f.sum(dim=1).sum() for fs in features for f in fs])
         (total + sums.sum()).backward()
 
-    ekd, ddnn, floored = leaves(), leaves(), leaves()
-    return {
-        "loss_ekd": lambda: run(EKDLoss(), *ekd),
-        "loss_ddnn": lambda: run(EKDLoss(mode="ddnn"), *ddnn),
-        "loss_floor": lambda: floor(*floored),
+    ekd_leaves, ddnn_leaves, floor_leaves = leaves(), leaves(), leaves()
+    modes = {
+        "loss_ekd": lambda: run(ekd, *ekd_leaves),
+        "loss_ddnn": lambda: run(ddnn, *ddnn_leaves),
     }
+    if not compiled:
+        modes["loss_floor"] = lambda: floor(*floor_leaves)
+    return modes
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -399,6 +426,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="eager against compiled (model.compile=true) EKD steps only; compile seconds",
     )
     parser.add_argument(
+        "--compile-loss",
+        action="store_true",
+        help="also the loss-only figures with the losses compiled as model.compile=true does",
+    )
+    parser.add_argument(
         "--memory-only",
         action="store_true",
         help="only the activation memory of an EKD step vs each standalone net (no timing)",
@@ -482,6 +514,14 @@ def _run(args: argparse.Namespace) -> dict:
         loss_only_modes(net, x, y), repeats=max(20, args.repeats), warmup=2, device=device
     )
     loss_median = {name: statistics.median(t) for name, t in loss_times.items()}
+    loss_compile_seconds = {}
+    if args.compile_loss:
+        compiled_losses = loss_only_modes(net, x, y, compiled=True)
+        loss_compile_seconds = compile_seconds(compiled_losses, device, every=True)
+        compiled_times, _ = time_interleaved(
+            compiled_losses, repeats=max(20, args.repeats), warmup=2, device=device
+        )
+        loss_median |= {f"{k}_compiled": statistics.median(t) for k, t in compiled_times.items()}
 
     config = {
         "arch": s["arch"],
@@ -500,6 +540,7 @@ def _run(args: argparse.Namespace) -> dict:
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_loss": args.compile_loss,
     }
     if args.experiment:
         config["experiment"] = args.experiment
@@ -512,9 +553,14 @@ def _run(args: argparse.Namespace) -> dict:
     ranges = {key: paired_ratios(times, *pair) for key, pair in pairs.items()}
     result = {key: statistics.median(r) for key, r in ranges.items()}
     result["distill_overhead"] -= 1.0
-    for key, mode in (("loss_only", "loss_ekd"), ("loss_floor", "loss_floor")):
-        extra = loss_median[mode] - loss_median["loss_ddnn"]
-        result[f"distill_overhead_{key}"] = extra / statistics.median(times["ddnn"])
+    for key, mode, base in (
+        ("loss_only", "loss_ekd", "loss_ddnn"),
+        ("loss_floor", "loss_floor", "loss_ddnn"),
+        ("loss_only_compiled", "loss_ekd_compiled", "loss_ddnn_compiled"),
+    ):
+        if mode in loss_median:
+            extra = loss_median[mode] - loss_median[base]
+            result[f"distill_overhead_{key}"] = extra / statistics.median(times["ddnn"])
     result["ideal_flops_ratio"] = ideal
     result["ekd_over_ideal"] = result["ekd_over_individual"] / ideal - 1.0
     result = {k: round(v, 4) for k, v in result.items()}
@@ -573,6 +619,15 @@ def _run(args: argparse.Namespace) -> dict:
         "CE-only plus a channel sum of every stage output and a gradient added into each "
         f"({1e3 * loss_median['loss_floor']:.2f} ms), what any attention term pays"
     )
+    if args.compile_loss:
+        print(
+            "distill_overhead_loss_only_compiled = "
+            f"{100 * result['distill_overhead_loss_only_compiled']:+.2f}% of the eager ddnn step: "
+            f"the losses compiled (EKDLoss.compile), EKD "
+            f"{1e3 * loss_median['loss_ekd_compiled']:.2f} ms, CE-only "
+            f"{1e3 * loss_median['loss_ddnn_compiled']:.2f} ms; first calls (compile) "
+            + ", ".join(f"{k} {v} s" for k, v in loss_compile_seconds.items())
+        )
     memory = activation_memory(net, x, y)
     largest = max(memory[name] for name in net.names)
     result["ekd_over_largest_individual_activations"] = round(memory["ekd"] / largest, 4)
@@ -593,13 +648,13 @@ def _run(args: argparse.Namespace) -> dict:
 def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict:
     """``--compile``: compile seconds on their own line, then eager against compiled."""
     device = x.device
-    modes = compiled_modes(net, x, y)
+    modes, patterns = compiled_modes(net, x, y)
     if args.bf16:
         modes = with_autocast(modes, device)
     graphs = torch._dynamo.utils.counters["stats"]
     seconds = compile_seconds(modes, device)
     print(f"compile seconds (first call): {json.dumps(seconds)}")
-    before = graphs["unique_graphs"]
+    before, patterns_before = graphs["unique_graphs"], len(patterns)
     times, _ = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
     result = {
         "compiled_speedup": statistics.median(paired_ratios(times, "ekd", "ekd_compiled")),
@@ -613,6 +668,7 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
     }
     result = {k: round(v, 4) for k, v in result.items()}
     result["graphs_made_by_new_depth_sets"] = graphs["unique_graphs"] - before
+    result["new_sharing_patterns"] = len(patterns) - patterns_before
     result["compile_seconds"] = seconds
     print(
         f"{net.config['arch']} {net.names}, batch {args.batch_size}, {device}, bf16 {args.bf16}, "
@@ -623,7 +679,10 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
     print(f"eager / compiled EKD step        {result['compiled_speedup']:.3f}")
     print(f"compiled ekd / ddnn - 1          {100 * result['compiled_distill_overhead']:+.2f}%")
     print(
-        f"graphs made by {args.repeats} new depth sets: {result['graphs_made_by_new_depth_sets']}"
+        f"graphs made by {args.repeats + args.warmup} new depth sets: "
+        f"{result['graphs_made_by_new_depth_sets']}: the loss one per stage-sharing pattern not "
+        f"met before ({result['new_sharing_patterns']} here), the blocks "
+        f"{result['graphs_made_by_new_depth_sets'] - result['new_sharing_patterns']}"
     )
     sys.stdout.flush()
     print(json.dumps(result))

@@ -79,6 +79,8 @@ def test_step_cost_runs_end_to_end(step_cost, capsys) -> None:
     assert json.loads(last) == result
     keys = ("ekd_over_individual", "ideal_flops_ratio", "shared_over_unshared", "distill_overhead")
     assert all(key in result for key in keys)
+    # the floor is a part of the loss's work: it costs less than the whole loss
+    assert result["distill_overhead_loss_floor"] < result["distill_overhead_loss_only"]
     # the prefix tree runs [3,3,3] + [1,1,1] as 9 + 2 blocks instead of 9 + 3
     assert 0.5 < result["ideal_flops_ratio"] < 1.0
 

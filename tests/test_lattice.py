@@ -93,6 +93,22 @@ def test_cuda_graphs_refused_with_lattice_sampling():
     )
 
 
+def test_model_compile_compiles_the_loss_too(monkeypatch):
+    """model.compile=true: the module compiles its loss as well, in the blocks' mode (CUDA
+    graphs, reduce-overhead, are recorded for the blocks alone: the loss gets default);
+    without it the loss stays eager."""
+    modes = []
+    monkeypatch.setattr(EKDLoss, "compile", lambda self, **options: modes.append(options))
+    for mode in ("default", "max-autotune-no-cudagraphs", "reduce-overhead"):
+        EKDModule(build_net("cifar_resnet20", compile=True, compile_mode=mode), EKDLoss())
+    EKDModule(build_net("cifar_resnet20"), EKDLoss())
+    assert modes == [
+        {"mode": "default"},
+        {"mode": "max-autotune-no-cudagraphs"},
+        {"mode": "default"},
+    ]
+
+
 @pytest.mark.parametrize("bn_stats", ["shared", "private"])
 def test_lattice_step_equals_depths_one_at_a_time(bn_stats):
     """The EKD loss and every gradient of a step over sampled depths (one prefix-tree

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.losses import EKDLoss, attention_maps
+from ekd_ddnn.losses import EKDLoss, attention_maps, sharing_pattern
 from ekd_ddnn.models import build_net
 
 
@@ -420,3 +420,68 @@ def test_total_is_not_rounded_to_bf16_under_autocast(mode):
     assert got.total.dtype == got.ce_per_depth.dtype == torch.float32
     torch.testing.assert_close(got.total, want.total, rtol=1e-6, atol=0)
     torch.testing.assert_close(got.ce_per_depth, want.ce_per_depth, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("attention_stages", ["all", "differing"])
+def test_compiled_loss_equals_eager_and_compiles_once_per_sharing_pattern(attention_stages):
+    """``EKDLoss.compile`` (what ``model.compile=true`` trains with), through a counting
+    backend over 30 steps of lattice sampling on ResNet-20: the total and every term and
+    gradient equal the eager loss's; Dynamo makes one graph per pattern of stage outputs the
+    depths share, the first time it comes, and none when a pattern comes again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from ekd_ddnn.sampling import sample_depths
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", image_size=8).double().train()
+    lattice = net.lattice()
+    eager = EKDLoss(sampling="lattice", attention_stages=attention_stages)
+    compiled = EKDLoss(sampling="lattice", attention_stages=attention_stages)
+    counter = CompileCounter()
+    compiled.compile(backend=counter)
+    patterns, graphs = set(), []
+    for step in range(30):
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+        y = torch.randint(0, 10, (4,))
+        outputs = net.forward_depths(x, sample_depths(lattice, 2, seed=0, step=step))
+        logits, features = [o[0] for o in outputs], [o[1] for o in outputs]
+        leaves = [*logits, *{id(f): f for fs in features for f in fs}.values()]
+        got, want = compiled.terms(logits, features, y), eager.terms(logits, features, y)
+        for a, b in ((got.total, want.total), (got.raw, want.raw)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        for a, b in zip(
+            torch.autograd.grad(got.total, leaves, retain_graph=True),
+            torch.autograd.grad(want.total, leaves),
+            strict=True,
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+        patterns.add(sharing_pattern(features))
+        graphs.append(counter.frame_count)
+    assert graphs[-1] == len(patterns) > 3, (graphs, len(patterns))
+    assert graphs[-1] < 30  # patterns come again: those steps made no graph
+    torch._dynamo.reset()
+
+
+def test_inductor_compiled_loss_equals_eager():
+    """The compiled loss with inductor's real (CPU) kernels: total, terms and gradients equal
+    the eager loss's in float32, and a second batch reuses the graph."""
+    torch._dynamo.reset()
+    logits, feats, y = _outputs(k=2)
+    leaves = [*logits, *(f for fs in feats for f in fs)]
+    eager, compiled = EKDLoss(), EKDLoss()
+    compiled.compile()
+    stats, graphs = torch._dynamo.utils.counters["stats"], []
+    for step in range(2):
+        graphs.append(stats["unique_graphs"])
+        got, want = compiled.terms(logits, feats, y), eager.terms(logits, feats, y)
+        torch.testing.assert_close(got.raw, want.raw, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.total, want.total, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(got.total, leaves)
+        for a, b in zip(grads, torch.autograd.grad(want.total, leaves), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        logits = [(t.detach() + step + 1).requires_grad_() for t in logits]
+        leaves = [*logits, *leaves[len(logits) :]]
+    graphs.append(stats["unique_graphs"])
+    assert graphs[1] - graphs[0] == 1 and graphs[2] == graphs[1], graphs
+    torch._dynamo.reset()

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,26 @@ def attention_maps(features: Sequence[Tensor]) -> Tensor:
     copy; a tensor given twice (depths sharing a stage output) is summed once.
     """
     dtype, accumulate = features[0].dtype, _accumulation(features[0].dtype)
-    sums: dict[int, Tensor] = {}
-    for f in features:
-        if id(f) not in sums:
-            sums[id(f)] = f.sum(dim=1, dtype=None if dtype == accumulate else accumulate)
-    maps = torch.stack([sums[id(f)] for f in features]).flatten(2)
+    sums: list[Tensor] = []
+    for i, f in enumerate(features):
+        # identity, not id(): a compiled loss would guard on (and recompile for) every id
+        same = next((j for j in range(i) if features[j] is f), None)
+        if same is not None:
+            sums.append(sums[same])
+        else:
+            sums.append(f.sum(dim=1, dtype=None if dtype == accumulate else accumulate))
+    maps = torch.stack(sums).flatten(2)
     return maps / torch.linalg.vector_norm(maps, dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def sharing_pattern(features: Sequence[Sequence[Tensor]]) -> tuple[tuple[int, ...], ...]:
+    """For each depth and stage, the first depth whose stage output is the very same tensor
+    (the prefix tree shares a stage output between depths whose blocks agree up to it). A
+    compiled loss (:meth:`EKDLoss.compile`) makes one graph per pattern."""
+    return tuple(
+        tuple(next(e for e, g in enumerate(features) if g[s] is f[s]) for s in range(len(f)))
+        for f in features
+    )
 
 
 @dataclass
@@ -180,6 +195,20 @@ class EKDLoss:
         first (what ``DepthDynamicNet.forward_depths`` returns), against class ``targets``."""
         return self.terms([o[0] for o in outputs], [o[1] for o in outputs], targets)
 
+    def compile(self, **options: Any) -> None:
+        """Evaluate the loss through ``torch.compile`` from now on (``model.compile=true``):
+        its ~50 small operations forward and as many backward become a few fused kernels.
+
+        Dynamo makes one graph per batch size and per pattern of stage outputs shared between
+        the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
+        then reuses them; ``options`` go to ``torch.compile`` (``mode``, ``backend``).
+        """
+        # a graph per (batch size, sharing pattern) of the one compiled function: more than
+        # Dynamo's default cap of 8 entries per function when the lattice is sampled
+        limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.recompile_limit = limit
+        self._compiled = torch.compile(self._evaluate, dynamic=False, **options)
+
     def terms(
         self, logits: Sequence[Tensor], features: Sequence[Sequence[Tensor]], targets: Tensor
     ) -> EKDTerms:
@@ -190,13 +219,19 @@ class EKDLoss:
             features: K+1 lists of per-stage outputs (B, C_s, H_s, W_s), full-net first.
             targets: class indices (B,).
         """
+        evaluate = getattr(self, "_compiled", None) or self._evaluate
+        return evaluate(list(logits), [list(f) for f in features], targets)
+
+    def _evaluate(
+        self, logits: list[Tensor], features: list[list[Tensor]], targets: Tensor
+    ) -> EKDTerms:
         depths = len(logits)
         if self.mode == "individual" and depths > 1:
             raise ValueError(f"mode 'individual' trains one net, got {depths} outputs")
         # Every term is computed on the depths stacked along a leading axis, and every constant
         # factor waits for one weighted sum at the end: a few kernels per loss rather than a
         # few per depth and term (the GPU step is bound by kernel launches).
-        stacked = torch.stack(list(logits))  # (D, B, classes)
+        stacked = torch.stack(logits)  # (D, B, classes)
         # at least float32 from here on, whatever autocast's lists say (bf16 logits of a
         # bf16-mixed step): no term and no weighting is rounded to bf16
         log_probs = F.log_softmax(stacked, dim=-1, dtype=_accumulation(stacked.dtype))
@@ -287,21 +322,37 @@ def _batch_pixels(feature: Tensor) -> tuple[int, int]:
     return feature.shape[0], math.prod(feature.shape[2:])
 
 
-@functools.lru_cache(maxsize=64)
+def _built_once(build: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``build``'s tensor made once per arguments and kept: a host-to-device copy in every
+    step would wait for the GPU's queue. Made outside any inference mode, so that a tensor
+    first asked for by an evaluation still serves training. Under ``torch.compile`` it is
+    built in the trace instead (a constant of the graph; Dynamo warns on cached calls)."""
+    cached = functools.lru_cache(maxsize=256)(build)
+
+    @functools.wraps(build)
+    def get(*args: Any) -> Tensor:
+        if torch.compiler.is_compiling():
+            return build(*args)
+        with torch.inference_mode(False):
+            return cached(*args)
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
+
+
+@_built_once
 def _pixel_weights(
     shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """``1 / (B * H_s W_s)`` for each pixel of the stages' joined attention maps: a squared
     difference summed with these weights is the sum over stages of the per-stage MSE."""
-    with torch.inference_mode(False):  # cached: must serve training even if made in inference
-        return torch.cat(
-            [torch.full((pixels,), 1.0 / (batch * pixels), dtype=dtype) for batch, pixels in shapes]
-        ).to(device)
+    weights = [
+        torch.full((pixels,), 1.0 / (batch * pixels), dtype=dtype) for batch, pixels in shapes
+    ]
+    return torch.cat(weights).to(device)
 
 
-@functools.lru_cache(maxsize=256)
+@_built_once
 def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``values`` as a tensor on ``device``, built once per pattern: a host-to-device copy in
-    every step would wait for the GPU's queue."""
-    with torch.inference_mode(False):  # cached: must serve training even if made in inference
-        return torch.tensor(values, device=device, dtype=dtype)
+    """``values`` as a tensor on ``device``."""
+    return torch.tensor(values, device=device, dtype=dtype)

@@ -88,6 +88,11 @@ class EKDModule(L.LightningModule):
                     "and ekd.sampling=lattice draws a new set every step; use "
                     "model.compile_mode=default or max-autotune-no-cudagraphs"
                 )
+        if net.config.get("compile"):
+            # the loss runs between the blocks' graphs, on tensors they made: CUDA graphs
+            # (reduce-overhead) are recorded for the blocks alone
+            mode = net.config.get("compile_mode", "default")
+            loss.compile(mode="default" if mode == "reduce-overhead" else mode)
         self.save_hyperparameters(
             {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
         )

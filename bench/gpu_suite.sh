@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every GPU measurement docs/performance.md ("GPU runs") still lacks, as one script for a
+# session lent a GPU: each part writes OUT/<part>.log (a bench's last line is its JSON) with
+# its own time limit, and a part that fails or runs out of time does not stop the others.
+#
+#   bash bench/gpu_suite.sh OUT [PART ...]           # on the GPU machine; default: all parts
+#   SMOKE=1 bash bench/gpu_suite.sh OUT [PART ...]   # the same commands, tiny, on the CPU
+#
+# Parts, in order of what the issue's targets need (seconds: the limit each part gets):
+#   env          card, driver, versions                                                  30
+#   r56          step_cost, CIFAR-100 ResNet-56 > {44, 32}, bf16 + cl, loss compiled   180
+#   r50          step_cost, ResNet-50 > {[3,4,4,3],[3,3,3,3]}, 224 px, the same         240
+#   r56_compile  the same as r56, eager against regional compile (compile seconds)      240
+#   r50_compile  the same as r50, eager against regional compile                        300
+#   lightning    overhead.py part (a): Lightning against a raw loop, ResNet-50 b128     200
+#   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
+#   train_r50    a 1-epoch synthetic ResNet-50 training run (train's own wall time)     240
+#   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
+# A device call runs at most 600 s: split the parts over calls (docs/performance.md, "GPU
+# runs"). The CIFAR subset is read from $DATA (default ../shared/data/cifar10-subset; on the
+# device machine carry a copy inside the repository).
+set -u
+out=${1:?usage: bench/gpu_suite.sh OUT [PART ...]}
+shift
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning data train_r50 train_cifar)
+mkdir -p "$out"
+python=${PYTHON:-python3}
+data=${DATA:-../shared/data/cifar10-subset}
+device=cuda
+repeats=(--repeats 10 --warmup 3)
+r56=(--experiment cifar100_r56)
+r50=(--experiment imagenet_r50)
+r50_lightning=(--lightning-arch resnet50 --lightning-subnets '[[3,4,4,3],[3,3,3,3]]'
+  --lightning-image-size 224 --lightning-batch 128 --steps 40 --warmup 5)
+data_bench=(--steps 50 --repeats 7 --warmup 2)
+r50_train=(data.image_size=224 data.num_classes=1000 data.num_train=6400 data.batch_size=128)
+cifar_train=(trainer.max_epochs=3 data.batch_size=128)
+scale=1
+if [ "${SMOKE:-0}" = 1 ]; then  # the flags checked on the CPU, at a size that runs in seconds
+  device=cpu
+  repeats=(--repeats 1 --warmup 0)
+  r56=(--arch cifar_resnet20 --subnets '[[1,1,1]]' --batch-size 4 --image-size 8)
+  r50=(--arch resnet50 --subnets '[[1,1,1,1]]' --batch-size 2 --image-size 32)
+  r50_lightning=(--lightning-arch cifar_resnet20 --lightning-subnets '[[1,1,1]]'
+    --lightning-image-size 8 --lightning-batch 4 --steps 6 --warmup 1)
+  data_bench=(--num-images 256 --batch-size 32 --steps 2 --repeats 1 --warmup 0 --workers 0)
+  r50_train=(data.image_size=32 data.num_classes=10 data.num_train=32 data.batch_size=16
+    'model.subnets=[[1,1,1,1]]' data.num_val=16 data.num_test=16)
+  cifar_train=(trainer.max_epochs=1 data.batch_size=64 'model.subnets=[[1,1,1]]'
+    +trainer.limit_train_batches=2 +trainer.limit_val_batches=1)
+  scale=4  # inductor on a 2-core CPU compiles slowly
+fi
+trainer=trainer=gpu
+[ "$device" = cpu ] && trainer=trainer=cpu
+
+run() {  # run PART LIMIT COMMAND...: COMMAND's output to OUT/PART.log, a status line here
+  local part=$1 limit=$(($2 * scale)) start=$SECONDS
+  shift 2
+  echo "\$ $*" >"$out/$part.log"
+  timeout "$limit" "$@" >>"$out/$part.log" 2>&1
+  local rc=$?
+  echo "$part: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
+}
+
+step_cost=("$python" bench/step_cost.py --device "$device" "${repeats[@]}" --bf16 --channels-last)
+train=("$python" -m ekd_ddnn.train "$trainer" paths.log_dir="$out/runs" logger=csv)
+for part in "${parts[@]}"; do
+  case $part in
+    env) run env 30 bash -c "nvidia-smi || true; $python -c 'import torch, torchvision, \
+lightning; print(torch.__version__, torchvision.__version__, lightning.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'" ;;
+    r56) run r56 180 "${step_cost[@]}" "${r56[@]}" --compile-loss ;;
+    r50) run r50 240 "${step_cost[@]}" "${r50[@]}" --compile-loss ;;
+    r56_compile) run r56_compile 240 "${step_cost[@]}" "${r56[@]}" --compile ;;
+    r50_compile) run r50_compile 300 "${step_cost[@]}" "${r50[@]}" --compile ;;
+    lightning) run lightning 200 "$python" bench/overhead.py --device "$device" --parts lightning --bf16 \
+      --channels-last "${r50_lightning[@]}" ;;
+    data) run data 200 "$python" bench/data_on_device.py --device "$device" "${data_bench[@]}" ;;
+    train_r50) run train_r50 240 "${train[@]}" model=resnet50 \
+      'model.subnets=[[3,4,4,3],[3,3,3,3]]' data=synthetic model.channels_last=true \
+      data.on_device=true trainer.max_epochs=1 "${r50_train[@]}" ;;
+    train_cifar) run train_cifar 300 "${train[@]}" experiment=cifar10_r20_r14 \
+      data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
+      ekd.sampling=lattice test=false "${cifar_train[@]}" ;;
+    *) echo "unknown part $part" | tee -a "$out/summary.txt" ;;
+  esac
+done
