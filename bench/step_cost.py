@@ -282,6 +282,35 @@ def loss_only_modes(
     return modes
 
 
+def loss_operations(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, dict[str, int]]:
+    """Operations of one eager EKD and CE-only loss: top-level aten calls of the forward and
+    autograd nodes of the backward (``torch.profiler``), after a first call made the loss's
+    cached constants. On a GPU each is a kernel launch or more; a compiled loss fuses them."""
+    from torch.profiler import profile
+
+    with torch.no_grad():
+        outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
+    counts = {}
+    for mode in ("ekd", "ddnn"):
+        loss_fn = EKDLoss(mode=mode)
+        for _ in range(2):  # the second call is counted
+            logits = [o[0].detach().clone().requires_grad_() for o in outputs]
+            features = [[f.detach().clone().requires_grad_() for f in o[1]] for o in outputs]
+            with profile() as forward:
+                total = loss_fn.terms(logits, features, y).total
+            with profile() as backward:
+                total.backward()
+        counts[mode] = {
+            "forward_ops": sum(
+                e.cpu_parent is None and e.name.startswith("aten::") for e in forward.events()
+            ),
+            "backward_nodes": sum(
+                e.name.startswith("autograd::engine::evaluate_function") for e in backward.events()
+            ),
+        }
+    return counts
+
+
 # --------------------------------------------------------------------------- FLOPs
 def forward_flops(fn: Callable[[], object]) -> int:
     """FLOPs of ``fn()`` (convolutions and matrix products) under ``FlopCounterMode``."""
@@ -628,6 +657,13 @@ def _run(args: argparse.Namespace) -> dict:
             f"{1e3 * loss_median['loss_ddnn_compiled']:.2f} ms; first calls (compile) "
             + ", ".join(f"{k} {v} s" for k, v in loss_compile_seconds.items())
         )
+    operations = loss_operations(net, x, y)
+    print(
+        "loss operations (forward aten calls / backward autograd nodes): "
+        + ", ".join(
+            f"{m} {c['forward_ops']} / {c['backward_nodes']}" for m, c in operations.items()
+        )
+    )
     memory = activation_memory(net, x, y)
     largest = max(memory[name] for name in net.names)
     result["ekd_over_largest_individual_activations"] = round(memory["ekd"] / largest, 4)
@@ -640,6 +676,7 @@ def _run(args: argparse.Namespace) -> dict:
     print("targets: ekd / sum(individual) within +5% of its ideal; distill_overhead <= +3%")
     print("ratios: median [min, max] over the repeats of the two modes' times in one repeat")
     sys.stdout.flush()
+    result["loss_operations"] = operations
     result["config"] = config | {"activation_mib": {k: round(v, 1) for k, v in memory.items()}}
     print(json.dumps(result))
     return result
