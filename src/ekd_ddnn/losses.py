@@ -197,7 +197,7 @@ class EKDLoss:
 
     def compile(self, **options: Any) -> None:
         """Evaluate the loss through ``torch.compile`` from now on (``model.compile=true``):
-        its ~50 small operations forward and as many backward become a few fused kernels.
+        its ~50 small operations forward and as many backward run as one compiled graph each.
 
         Dynamo makes one graph per batch size and per pattern of stage outputs shared between
         the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
