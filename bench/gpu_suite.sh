@@ -18,7 +18,9 @@
 #   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
 # A device call runs at most 600 s: split the parts over calls (docs/performance.md, "GPU
 # runs"). The CIFAR subset is read from $DATA (default ../shared/data/cifar10-subset; on the
-# device machine carry a copy inside the repository).
+# device machine carry a copy inside the repository). The training runs' directories, with
+# their checkpoints, go to $RUNS (default: a new temporary directory), not under OUT: their
+# console logs, results tables included, are OUT/train_*.log.
 set -u
 out=${1:?usage: bench/gpu_suite.sh OUT [PART ...]}
 shift
@@ -27,6 +29,7 @@ parts=("$@")
 mkdir -p "$out"
 python=${PYTHON:-python3}
 data=${DATA:-../shared/data/cifar10-subset}
+runs=${RUNS:-$(mktemp -d)}
 device=cuda
 repeats=(--repeats 10 --warmup 3)
 r56=(--experiment cifar100_r56)
@@ -64,7 +67,7 @@ run() {  # run PART LIMIT COMMAND...: COMMAND's output to OUT/PART.log, a status
 }
 
 step_cost=("$python" bench/step_cost.py --device "$device" "${repeats[@]}" --bf16 --channels-last)
-train=("$python" -m ekd_ddnn.train "$trainer" paths.log_dir="$out/runs" logger=csv)
+train=("$python" -m ekd_ddnn.train "$trainer" paths.log_dir="$runs" logger=csv)
 for part in "${parts[@]}"; do
   case $part in
     env) run env 30 bash -c "nvidia-smi || true; $python -c 'import torch, torchvision, \
