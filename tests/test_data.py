@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1035,14 +1036,25 @@ def test_eval_batch_size_defaults_to_batch_size():
     assert [len(y) for _, y in dm.val_dataloader()] == [4, 4, 2]
 
 
-def test_loader_worker_settings():
-    """persistent_workers only with num_workers > 0; pin_memory and workers pass through."""
-    dm = SyntheticDataModule(num_workers=0, persistent_workers=True, pin_memory=True)
+def test_loader_worker_settings(monkeypatch):
+    """persistent_workers only with num_workers > 0; workers pass through, and pin_memory
+    where an accelerator exists (elsewhere the DataLoader would only warn on every run: the
+    cifar and imagenet configs pin)."""
+    for accelerator in (True, False):
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda a=accelerator: a)
+        dm = SyntheticDataModule(num_workers=0, persistent_workers=True, pin_memory=True)
+        dm.setup()
+        assert dm.persistent_workers is False
+        loader = dm.train_dataloader()
+        assert loader.persistent_workers is False and loader.num_workers == 0
+        assert loader.pin_memory is accelerator
+    monkeypatch.undo()
+    dm = SyntheticDataModule(pin_memory=True)
     dm.setup()
-    assert dm.persistent_workers is False
-    loader = dm.train_dataloader()
-    assert loader.persistent_workers is False and loader.num_workers == 0
-    assert loader.pin_memory is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        next(iter(dm.train_dataloader()))
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
     dm2 = SyntheticDataModule(num_workers=2, persistent_workers=True)
     dm2.setup()
     loader2 = dm2.val_dataloader()  # built, not iterated: no worker processes start

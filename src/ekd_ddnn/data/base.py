@@ -56,7 +56,9 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        # page-locked host memory only serves copies to an accelerator; where there is none
+        # the DataLoader would not pin anyway, only warn on every run
+        self.pin_memory = pin_memory and torch.accelerator.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
         self.on_device = on_device
         self.train_collate: Callable | None = None  # batched training augmentation
