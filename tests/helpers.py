@@ -83,6 +83,20 @@ class PoisonWeightsAtEpochStart(Callback):
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
 
 
+class RefuseAtEpochStart(Callback):
+    """Raise a UserError when epoch ``epoch`` starts: a refusal that comes after a run (or a
+    resumption) may already have written checkpoints."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            from ekd_ddnn.errors import UserError
+
+            raise UserError(f"refused at epoch {self.epoch}")
+
+
 class RecordTrainLoader(Callback):
     """Write ``<run dir>/train_loader.txt``: the training loader's type and the device and
     dtype of the first training batch (what a subprocess run fed its steps with)."""

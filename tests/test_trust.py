@@ -218,6 +218,29 @@ def test_resume_refuses_changed_training_and_records_allowed_changes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_refusal_takes_back_only_the_record_of_a_command_that_wrote_nothing(tmp_path):
+    """A resumption refused before it wrote anything takes its record (``resume-<n>``)
+    back; one refused after it wrote a checkpoint keeps it, as does the original run."""
+    run_dir = tmp_path / "run"
+    first = run_cli("train", *RUN, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    refuse = "+callbacks.refuse._target_=tests.helpers.RefuseAtEpochStart"
+    for epoch in (1, 2):  # 1: refused as it resumes; 2: after training epoch 1
+        resumed = run_cli(
+            "train", f"resume={run_dir}", "trainer.max_epochs=3", refuse,
+            f"+callbacks.refuse.epoch={epoch}", cwd=tmp_path,
+        )  # fmt: skip
+        assert resumed.returncode == 1
+        assert resumed.stderr.splitlines()[-1] == f"error: refused at epoch {epoch}"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+    records = sorted(p.name for p in (run_dir / ".hydra").iterdir() if p.is_dir())
+    assert records == ["resume-1"]  # the second resumption's, written before its refusal
+    config = (run_dir / ".hydra" / "resume-1" / "overrides.yaml").read_text()
+    assert "+callbacks.refuse.epoch=2" in config
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path):
     """A NaN loss in epoch 1: exit 1 with one line naming the step, epoch 0's checkpoints
     kept (finite), no interrupted.ckpt, no results."""

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import DivergedError, UserError, find_user_error
 from ekd_ddnn.results import read_overrides
-from ekd_ddnn.run.rundir import holds_run, run_dir_lock, write_record
+from ekd_ddnn.run.rundir import holds_run, run_dir_lock, run_output, write_record
 
 T = TypeVar("T")
 
@@ -119,8 +119,9 @@ def command(
     """Wrap a Hydra task function: ``check(cfg)``, then (commands with a run directory)
     lock it, refuse one that already holds a run (unless ``resume``), write the run's
     record; then run the task. A task that refuses its config before it wrote any output
-    (a :class:`UserError` from building the network, data, ...) takes its record back: the
-    directory holds no record of a run that never ran.
+    (a :class:`UserError` from building the network, data, ...: no checkpoint or result
+    written or changed) takes its record back: the directory holds no record of a run, or
+    of a resumption, that never ran.
 
     Ranks other than 0 of a DDP run share rank 0's directory and skip all but the check.
     """
@@ -142,6 +143,7 @@ def command(
                         f"run directory {out} already holds a run; continue it with "
                         f"resume={out}, or choose another hydra.run.dir"
                     )
+                output = run_output(out)
                 record = write_record(cfg, out, resumed=resumed)
                 try:
                     return fn(cfg)
@@ -150,7 +152,7 @@ def command(
                     if (
                         refusal is not None
                         and not isinstance(refusal, DivergedError)
-                        and (resumed or not holds_run(out))  # refused before it ran
+                        and run_output(out) == output  # refused before it wrote anything
                     ):
                         shutil.rmtree(record, ignore_errors=True)
                     raise

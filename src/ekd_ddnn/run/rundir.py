@@ -82,10 +82,18 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
+def run_output(run_dir: str | Path) -> frozenset[tuple[str, int, int]]:
+    """A run's output in ``run_dir`` (checkpoints and results) as (name, size, mtime) of
+    each file: equal before and after a command when the command wrote none."""
+    run_dir = Path(run_dir)
+    files = [*run_dir.glob("checkpoints/*.ckpt"), run_dir / "results.json"]
+    stats = [(f, f.stat()) for f in files if f.is_file()]
+    return frozenset((str(f), st.st_size, st.st_mtime_ns) for f, st in stats)
+
+
 def holds_run(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` already holds a run's output (checkpoints or results)."""
-    run_dir = Path(run_dir)
-    return any(run_dir.glob("checkpoints/*.ckpt")) or (run_dir / "results.json").is_file()
+    return bool(run_output(run_dir))
 
 
 def write_record(cfg: DictConfig, run_dir: str | Path, *, resumed: bool = False) -> Path:
