@@ -244,30 +244,46 @@ def test_budget_values_refused(budget, message):
 
 
 @pytest.mark.parametrize(
-    ("text", "directory"),
+    ("text", "problem"),
     [
-        ("- {name: a, macs: .nan, top1_err: 3}", False),
-        ("- {name: a, macs: 1, top1_err: .inf}", False),
-        ("", True),
+        ("- {name: a, macs: .nan, top1_err: 3}", "item 1 has macs: nan"),
+        (
+            "- {name: a, macs: 1, top1_err: 3}\n- {name: b, macs: 1, top1_err: .inf}",
+            "item 2 has top1_err: inf",
+        ),  # fmt: skip
+        (f"- {{name: a, macs: {10**400}, top1_err: 3}}", f"item 1 has macs: {10**400}"),
+        ("- {name: a, macs: true, top1_err: 3}", "item 1 has macs: True"),
+        (
+            "- {name: a, macs: 1e6, top1_err: 3}",
+            "item 1 has macs: '1e6' (YAML reads 1e6 as text: write 1.0e+6)",
+        ),  # fmt: skip
+        ("- {macs: 1, top1_err: 3}", "item 1 has no name"),
+        ("{name: a, macs: 1, top1_err: 3}", "it holds an object"),
+        ("", None),  # a directory
+        (b"\xff\xfe\x00", None),  # not UTF-8 text
     ],
 )
-def test_reference_refused_in_one_line(tmp_path, text, directory):
-    """A reference file with a non-finite number, or a directory, is refused in one line."""
+def test_reference_refused_in_one_line(tmp_path, text, problem):
+    """A reference file that is not a list of named finite points (NaN, inf, an integer
+    past float's range, a bool, YAML's text 1e6, no name, not a list) names the item and
+    the key; a directory or a binary file cannot be read: one line each."""
     path = tmp_path / "ref.yaml"
-    if directory:
+    if text == "":
         path.mkdir()
+    elif isinstance(text, bytes):
+        path.write_bytes(text)
     else:
         path.write_text(text)
     with pytest.raises(UserError) as info:
         read_reference(path)
     message = str(info.value)
     assert "\n" not in message
-    if directory:
+    if problem is None:
         assert message.startswith(f"cannot read reference={path}: ")
     else:
         assert message == (
             f"reference={path} must be a YAML list of {{name: <str>, macs: <number>, "
-            "top1_err: <number>}} with finite numbers"
+            f"top1_err: <number>}} with finite numbers; {problem}"
         )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from math import inf
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from ekd_ddnn.errors import UserError
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.module import EKDModule
-from ekd_ddnn.results import add_errors, depth_rows
+from ekd_ddnn.results import add_errors, depth_rows, is_finite_number
 from ekd_ddnn.run.checkpoint import data_config
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,7 @@ def check_budget(budget: Mapping[str, Any]) -> dict[str, float]:
         raise UserError("give a budget: budget.macs=<count>, budget.params=<count> or "
                         "budget.latency_ms=<ms> (several must all hold)")  # fmt: skip
     for key, value in limits.items():
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+        if not is_finite_number(value) or not value > 0:
             raise UserError(f"budget.{key} must be a positive finite number, got {value!r}")
     return limits
 

@@ -252,6 +252,17 @@ def read_overrides(run_dir: str | Path) -> list[str]:
     return items
 
 
+def is_finite_number(value: object) -> bool:
+    """An int or a float (not a bool) whose float value is finite: what a budget, a MACs
+    count or an error percentage may be."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past float's range
+        return False
+
+
 def read_reference(path: str | Path) -> list[dict]:
     """Reference points for the front plot from a YAML file of the user's: a list of
     ``{name: ..., macs: <count>, top1_err: <percent>}`` (e.g. individually trained nets).
@@ -259,24 +270,24 @@ def read_reference(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
         items = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8 text
         reason = str(exc).strip().splitlines()[0]
         raise UserError(f"cannot read reference={path}: {reason}") from None
-    good = isinstance(items, list) and all(
-        isinstance(i, dict)
-        and isinstance(i.get("name"), str)
-        and all(
-            isinstance(i.get(k), int | float)
-            and not isinstance(i.get(k), bool)
-            and math.isfinite(i.get(k))
-            for k in ("macs", "top1_err")
-        )
-        for i in items
-    )
-    if not good:
+    problem = None if isinstance(items, list) else f"it holds {_kind(items)}"
+    for n, item in enumerate(items if problem is None else [], 1):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problem = f"item {n} has no name"
+            break
+        bad = next((k for k in ("macs", "top1_err") if not is_finite_number(item.get(k))), None)
+        if bad is not None:
+            value = item.get(bad)
+            hint = " (YAML reads 1e6 as text: write 1.0e+6)" if isinstance(value, str) else ""
+            problem = f"item {n} has {bad}: {value!r}{hint}"
+            break
+    if problem is not None:
         raise UserError(
             f"reference={path} must be a YAML list of {{name: <str>, macs: <number>, "
-            "top1_err: <number>}} with finite numbers"
+            f"top1_err: <number>}} with finite numbers; {problem}"
         )
     return items
 
