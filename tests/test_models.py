@@ -7,6 +7,7 @@ import copy
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -308,6 +309,10 @@ def test_recalibrate_bn_stats_equals_plain_reestimation(bn_stats):
         ("cifar_resnet20", ["a", 1, 1], "is not a list of block counts"),
         ("cifar_resnet20", [2.5, 1, 1], "depth [2.5, 1, 1] is not a list of block counts"),
         ("cifar_resnet20", [True, 1, 1], "depth [True, 1, 1] is not a list of block counts"),
+        ("cifar_resnet20", [np.True_, 1, 1], "depth [np.True_, 1, 1] is not a list of block"),
+        ("cifar_resnet20", [float("inf"), 1, 1], "depth [inf, 1, 1] is not a list of block"),
+        ("cifar_resnet20", [torch.tensor(True), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", ["2", 1, 1], "depth ['2', 1, 1] is not a list of block counts"),
     ],
 )
 def test_invalid_depths(arch, depth, message):
@@ -316,6 +321,12 @@ def test_invalid_depths(arch, depth, message):
         build_net(arch, subnets=[depth])
     assert isinstance(info.value, InvalidDepthError)
     assert message in str(info.value)
+
+
+def test_depths_of_any_integer_kind():
+    """NumPy integers, 0-d integer tensors and integral floats are block counts."""
+    net = build_net("cifar_resnet20")
+    assert net.check_depth([np.int64(2), torch.tensor(1), 3.0]) == (2, 1, 3)
 
 
 def test_duplicate_subnets_and_unknown_arch():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,19 @@ from ekd_ddnn.models.bn_stats import BN_STATS, DepthBNStats, is_private_key, sta
 Depth = tuple[int, ...]
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
+
+
+def _block_count(n: Any) -> int:
+    """``n`` as a block count: an integer of any kind (``operator.index``: Python, NumPy,
+    0-d tensor) or a float with an integral value; never a bool (True, NumPy's or a bool
+    tensor's), never rounded (2.5, inf, nan, "3": ValueError or TypeError)."""
+    if isinstance(n, bool) or getattr(n, "dtype", None) == torch.bool:
+        raise TypeError("a bool is not a block count")
+    if isinstance(n, float):
+        if not n.is_integer():
+            raise ValueError("not an integral value")
+        return int(n)
+    return operator.index(n)
 
 
 class DepthDynamicNet(nn.Module):
@@ -221,9 +235,7 @@ class DepthDynamicNet(nn.Module):
         """Validate ``depth`` against the full-net; return it as a tuple of ints."""
         valid = ", ".join(f"1..{n}" for n in self.full_depth)
         try:
-            if any(isinstance(n, bool) or int(n) != n for n in depth):
-                raise ValueError  # True, 2.5: not block counts, never rounded
-            depth = tuple(int(n) for n in depth)
+            depth = tuple(_block_count(n) for n in depth)
         except (TypeError, ValueError):
             raise InvalidDepthError(
                 f"depth {depth!r} is not a list of block counts; give one int per stage "
