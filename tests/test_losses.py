@@ -485,3 +485,23 @@ def test_inductor_compiled_loss_equals_eager():
     graphs.append(stats["unique_graphs"])
     assert graphs[1] - graphs[0] == 1 and graphs[2] == graphs[1], graphs
     torch._dynamo.reset()
+
+
+def test_compiled_loss_copies_and_pickles():
+    """A copy of a compiled loss compiles its own evaluation (its settings, not the
+    original's), and a compiled loss pickles (a spawned process, a saved module)."""
+    import copy
+    import pickle
+
+    logits, feats, y = _outputs(k=2)
+    loss = EKDLoss(w=0.5)
+    loss.compile(backend="eager")
+    copied = copy.deepcopy(loss)
+    copied.w = 2.0
+    want = EKDLoss(w=2.0).terms(logits, feats, y).total
+    torch.testing.assert_close(copied.terms(logits, feats, y).total, want)
+    torch.testing.assert_close(
+        pickle.loads(pickle.dumps(loss)).terms(logits, feats, y).total,
+        EKDLoss(w=0.5).terms(logits, feats, y).total,
+    )
+    torch._dynamo.reset()

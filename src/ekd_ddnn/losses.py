@@ -48,25 +48,27 @@ def attention_maps(features: Sequence[Tensor]) -> Tensor:
     """
     dtype, accumulate = features[0].dtype, _accumulation(features[0].dtype)
     sums: list[Tensor] = []
-    for i, f in enumerate(features):
-        # identity, not id(): a compiled loss would guard on (and recompile for) every id
-        same = next((j for j in range(i) if features[j] is f), None)
-        if same is not None:
-            sums.append(sums[same])
+    for i, (f, first) in enumerate(zip(features, _firsts(features), strict=True)):
+        if first < i:  # the same tensor as an earlier one: summed once
+            sums.append(sums[first])
         else:
             sums.append(f.sum(dim=1, dtype=None if dtype == accumulate else accumulate))
     maps = torch.stack(sums).flatten(2)
     return maps / torch.linalg.vector_norm(maps, dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+def _firsts(tensors: Sequence[Tensor]) -> list[int]:
+    """For each tensor, the index of the first that is the very same tensor. Identity, not
+    ``id()``: a compiled loss would guard on (and recompile for) every tensor's id."""
+    return [next(j for j, t in enumerate(tensors) if t is u) for u in tensors]
+
+
 def sharing_pattern(features: Sequence[Sequence[Tensor]]) -> tuple[tuple[int, ...], ...]:
     """For each depth and stage, the first depth whose stage output is the very same tensor
     (the prefix tree shares a stage output between depths whose blocks agree up to it). A
     compiled loss (:meth:`EKDLoss.compile`) makes one graph per pattern."""
-    return tuple(
-        tuple(next(e for e, g in enumerate(features) if g[s] is f[s]) for s in range(len(f)))
-        for f in features
-    )
+    per_stage = [_firsts([f[s] for f in features]) for s in range(len(features[0]))]
+    return tuple(zip(*per_stage, strict=True))
 
 
 @dataclass
@@ -87,7 +89,7 @@ class EKDTerms:
 
     total: Tensor
     raw: Tensor
-    scales: Tensor
+    scales: tuple[float, ...]
     depths: int
     students: int | None = None
 
@@ -117,7 +119,8 @@ class EKDTerms:
         return self._listed(self.mse_per_depth)
 
     def _scaled(self, start: int, length: int) -> Tensor:
-        return self.raw[start : start + length] * self.scales[start : start + length]
+        scales = self.raw.new_tensor(self.scales[start : start + length])
+        return self.raw[start : start + length] * scales
 
     def _listed(self, values: Tensor | None) -> list[Tensor | None]:
         if values is None:
@@ -201,13 +204,11 @@ class EKDLoss:
 
         Dynamo makes one graph per batch size and per pattern of stage outputs shared between
         the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
-        then reuses them; ``options`` go to ``torch.compile`` (``mode``, ``backend``).
+        then reuses them; ``options`` go to ``torch.compile`` (``mode``, ``backend``). A copy
+        or an unpickled loss compiles its own evaluation again.
         """
-        # a graph per (batch size, sharing pattern) of the one compiled function: more than
-        # Dynamo's default cap of 8 entries per function when the lattice is sampled
-        limit = max(torch._dynamo.config.recompile_limit, 64)
-        torch._dynamo.config.recompile_limit = limit
-        self._compiled = torch.compile(self._evaluate, dynamic=False, **options)
+        self._compile_options = options
+        self._compiled = None
 
     def terms(
         self, logits: Sequence[Tensor], features: Sequence[Sequence[Tensor]], targets: Tensor
@@ -219,8 +220,20 @@ class EKDLoss:
             features: K+1 lists of per-stage outputs (B, C_s, H_s, W_s), full-net first.
             targets: class indices (B,).
         """
-        evaluate = getattr(self, "_compiled", None) or self._evaluate
+        evaluate = self._evaluate
+        options = self.__dict__.get("_compile_options")
+        if options is not None:
+            if self.__dict__.get("_compiled") is None:
+                # a graph per (batch size, sharing pattern): more than Dynamo's default cap
+                # of 8 per function with lattice sampling; set for this function's calls only
+                patch = torch._dynamo.config.patch(recompile_limit=64)
+                self._compiled = patch(torch.compile(self._evaluate, dynamic=False, **options))
+            evaluate = self._compiled
         return evaluate(list(logits), [list(f) for f in features], targets)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the compiled function is bound to this object: a copy compiles its own
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
 
     def _evaluate(
         self, logits: list[Tensor], features: list[list[Tensor]], targets: Tensor
@@ -243,7 +256,7 @@ class EKDLoss:
         if not self.distills:
             device, dtype = log_likelihood.device, log_likelihood.dtype
             total = (log_likelihood * _constant(ce_weights, device, dtype)).sum()
-            return EKDTerms(total, log_likelihood, _constant(ce_scales, device, dtype), depths)
+            return EKDTerms(total, log_likelihood, ce_scales, depths)
         kl = self._kl(stacked, log_probs)
         mse, counts = self._mse(features)
         students = len(kl)
@@ -255,9 +268,8 @@ class EKDLoss:
             + tuple(self.w / depths * v for v in kl_scales)
             + tuple(self.a / depths * v for v in mse_scales)
         )
-        scales = _constant(ce_scales + kl_scales + mse_scales, raw.device, raw.dtype)
         total = (raw * _constant(weights, raw.device, raw.dtype)).sum()
-        return EKDTerms(total, raw, scales, depths, students)
+        return EKDTerms(total, raw, ce_scales + kl_scales + mse_scales, depths, students)
 
     def _teachers(self, values: Tensor) -> Tensor:
         """The teacher of each student row of ``values`` (D, ...), detached: the depths'
@@ -295,7 +307,7 @@ class EKDLoss:
         """
         stages = range(len(features[0]))
         full = features[0]
-        differs = [[f[s] is not full[s] for s in stages] for f in features]
+        differs = [[first != 0 for first in depth] for depth in sharing_pattern(features)]
         computed = [s for s in stages if any(d[s] for d in differs[1:])]
         if self.attention_stages == "all":
             counts = [len(stages)] * len(features)
@@ -327,14 +339,11 @@ def _built_once(build: Callable[..., Tensor]) -> Callable[..., Tensor]:
     step would wait for the GPU's queue. Made outside any inference mode, so that a tensor
     first asked for by an evaluation still serves training. Under ``torch.compile`` it is
     built in the trace instead (a constant of the graph; Dynamo warns on cached calls)."""
-    cached = functools.lru_cache(maxsize=256)(build)
+    cached = functools.lru_cache(maxsize=256)(torch.inference_mode(False)(build))
 
     @functools.wraps(build)
     def get(*args: Any) -> Tensor:
-        if torch.compiler.is_compiling():
-            return build(*args)
-        with torch.inference_mode(False):
-            return cached(*args)
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
 
     get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
     return get
