@@ -15,6 +15,7 @@ import re
 import struct
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1038,16 +1039,25 @@ def test_eval_batch_size_defaults_to_batch_size():
 
 def test_loader_worker_settings(monkeypatch):
     """persistent_workers only with num_workers > 0; workers pass through, and pin_memory
-    where an accelerator exists (elsewhere the DataLoader would only warn on every run: the
-    cifar and imagenet configs pin)."""
-    for accelerator in (True, False):
-        monkeypatch.setattr(torch.accelerator, "is_available", lambda a=accelerator: a)
+    where batches go to a CUDA device: the trainer's, else any there is (elsewhere the
+    DataLoader would warn on every run or pin for nothing: the cifar and imagenet configs
+    pin)."""
+    cpu, cuda = (SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(t)))
+                 for t in ("cpu", "cuda"))  # fmt: skip
+    for has_cuda, trainer, pinned in (
+        (True, None, True),
+        (False, None, False),
+        (True, cpu, False),  # trainer.accelerator=cpu on a GPU machine
+        (False, cuda, True),
+    ):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda c=has_cuda: c)
         dm = SyntheticDataModule(num_workers=0, persistent_workers=True, pin_memory=True)
+        dm.trainer = trainer
         dm.setup()
         assert dm.persistent_workers is False
         loader = dm.train_dataloader()
         assert loader.persistent_workers is False and loader.num_workers == 0
-        assert loader.pin_memory is accelerator
+        assert loader.pin_memory is pinned, (has_cuda, trainer)
     monkeypatch.undo()
     dm = SyntheticDataModule(pin_memory=True)
     dm.setup()

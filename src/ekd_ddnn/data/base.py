@@ -56,9 +56,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        # page-locked host memory only serves copies to an accelerator; where there is none
-        # the DataLoader would not pin anyway, only warn on every run
-        self.pin_memory = pin_memory and torch.accelerator.is_available()
+        self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.on_device = on_device
         self.train_collate: Callable | None = None  # batched training augmentation
@@ -88,9 +86,17 @@ class ImageDataModule(L.LightningDataModule):
             drop_last=train,
             collate_fn=self.train_collate if train else None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and self._feeds_cuda(),
             persistent_workers=self.persistent_workers,
         )
+
+    def _feeds_cuda(self) -> bool:
+        """Whether batches go to a CUDA device (the trainer's, else any there is): pinned
+        host memory serves only those copies; elsewhere the DataLoader would warn on every
+        run (no accelerator, MPS) or pin for nothing (trainer.accelerator=cpu)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def device_split(self) -> tuple[Tensor, Tensor, Augmentation]:
         """The training split as stored, images (N, C, H, W) and labels (N,), and its
