@@ -14,22 +14,26 @@
 #   r50_compile  the same as r50, eager against regional compile                        300
 #   lightning    overhead.py part (a): Lightning against a raw loop, ResNet-50 b128     200
 #   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
-#   train_r50    a 1-epoch synthetic ResNet-50 training run (train's own wall time)     240
+#   train_r50    experiment=imagenet_r50 on synthetic data, 1 epoch (its wall time)    240
 #   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
 # A device call runs at most 600 s: split the parts over calls (docs/performance.md, "GPU
 # runs"). The CIFAR subset is read from $DATA (default ../shared/data/cifar10-subset; on the
 # device machine carry a copy inside the repository). The training runs' directories, with
 # their checkpoints, go to $RUNS (default: a new temporary directory), not under OUT: their
-# console logs, results tables included, are OUT/train_*.log.
+# console logs, results tables included, are OUT/train_*.log. Every part compiles with a
+# fresh inductor cache (compile seconds are cold). BUDGET=<seconds> cuts each part's limit
+# to what is left of it (a device call's own limit: the summary line is still written).
 set -u
-out=${1:?usage: bench/gpu_suite.sh OUT [PART ...]}
+out=$(realpath -m -- "${1:?usage: bench/gpu_suite.sh OUT [PART ...]}")
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning data train_r50 train_cifar)
 mkdir -p "$out"
 python=${PYTHON:-python3}
-data=${DATA:-../shared/data/cifar10-subset}
-runs=${RUNS:-$(mktemp -d)}
+data=$(realpath -m -- "${DATA:-$(dirname "$0")/../../shared/data/cifar10-subset}")
+runs=$(realpath -m -- "${RUNS:-$(mktemp -d)}")
+budget=${BUDGET:-0}
+cd "$(dirname "$0")/.." || exit 1  # the repository root: bench/ and src/ from here
 device=cuda
 repeats=(--repeats 10 --warmup 3)
 r56=(--experiment cifar100_r56)
@@ -60,19 +64,28 @@ trainer=trainer=gpu
 run() {  # run PART LIMIT COMMAND...: COMMAND's output to OUT/PART.log, a status line here
   local part=$1 limit=$(($2 * scale)) start=$SECONDS
   shift 2
+  if [ "$budget" -gt 0 ] && [ $((budget - SECONDS - 10)) -lt "$limit" ]; then
+    limit=$((budget - SECONDS - 10))
+  fi
+  if [ "$limit" -le 0 ]; then
+    echo "$part: skipped, no time left of BUDGET=$budget s" | tee -a "$out/summary.txt"
+    return
+  fi
   echo "\$ $*" >"$out/$part.log"
-  timeout "$limit" "$@" >>"$out/$part.log" 2>&1
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout -k 15 "$limit" "$@" >>"$out/$part.log" 2>&1
   local rc=$?
   echo "$part: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
 }
+
+versions='import torch, torchvision, lightning
+print(torch.__version__, torchvision.__version__, lightning.__version__,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
 
 step_cost=("$python" bench/step_cost.py --device "$device" "${repeats[@]}" --bf16 --channels-last)
 train=("$python" -m ekd_ddnn.train "$trainer" paths.log_dir="$runs" logger=csv)
 for part in "${parts[@]}"; do
   case $part in
-    env) run env 30 bash -c "nvidia-smi || true; $python -c 'import torch, torchvision, \
-lightning; print(torch.__version__, torchvision.__version__, lightning.__version__, \
-torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'" ;;
+    env) run env 30 bash -c 'nvidia-smi || true; "$0" -c "$1"' "$python" "$versions" ;;
     r56) run r56 180 "${step_cost[@]}" "${r56[@]}" --compile-loss ;;
     r50) run r50 240 "${step_cost[@]}" "${r50[@]}" --compile-loss ;;
     r56_compile) run r56_compile 240 "${step_cost[@]}" "${r56[@]}" --compile ;;
@@ -80,9 +93,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'" ;;
     lightning) run lightning 200 "$python" bench/overhead.py --device "$device" --parts lightning --bf16 \
       --channels-last "${r50_lightning[@]}" ;;
     data) run data 200 "$python" bench/data_on_device.py --device "$device" "${data_bench[@]}" ;;
-    train_r50) run train_r50 240 "${train[@]}" model=resnet50 \
-      'model.subnets=[[3,4,4,3],[3,3,3,3]]' data=synthetic model.channels_last=true \
-      data.on_device=true trainer.max_epochs=1 "${r50_train[@]}" ;;
+    train_r50) run train_r50 240 "${train[@]}" experiment=imagenet_r50 data=synthetic \
+      model.channels_last=true data.on_device=true trainer.max_epochs=1 "${r50_train[@]}" ;;
     train_cifar) run train_cifar 300 "${train[@]}" experiment=cifar10_r20_r14 \
       data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
       ekd.sampling=lattice test=false "${cifar_train[@]}" ;;

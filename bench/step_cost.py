@@ -147,26 +147,26 @@ def build_modes(
 
 
 def lattice_step(
-    net: DepthDynamicNet,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: EKDLoss | None = None,
-    patterns: set | None = None,
+    net: DepthDynamicNet, optimizer: torch.optim.Optimizer, loss_fn: EKDLoss, calls: list
 ) -> Step:
     """The EKD step of ``ekd.sampling=lattice``: a new set of depths every call (the
-    full-net, the smallest and two drawn, as in training). ``patterns`` collects the
-    stage-sharing pattern of every call (a compiled loss makes one graph per pattern)."""
-    lattice, calls = net.lattice(), itertools.count()
-    loss_fn = loss_fn or EKDLoss(sampling="lattice")
+    full-net, the smallest and ``loss_fn.num_sampled`` drawn, as in training). ``calls``
+    gets, per call, its stage-sharing pattern (a compiled loss makes one graph per pattern)
+    and whether the call made graphs (Dynamo's count), so timings can leave those out."""
+    lattice, step_index = net.lattice(), itertools.count()
+    graphs = torch._dynamo.utils.counters["stats"]
 
     def step(x: Tensor, y: Tensor) -> Tensor:
-        depths = sample_depths(lattice, min(2, len(lattice) - 2), seed=0, step=next(calls))
+        drawn = min(loss_fn.num_sampled, len(lattice) - 2)
+        depths = sample_depths(lattice, drawn, seed=0, step=next(step_index))
+        before = graphs["unique_graphs"]
         optimizer.zero_grad(set_to_none=True)
         outputs = net.forward_depths(x, depths)
-        if patterns is not None:
-            patterns.add(sharing_pattern([features for _, features in outputs]))
         total = loss_fn(outputs, y).total
         total.backward()
         optimizer.step()
+        pattern = sharing_pattern([features for _, features in outputs])
+        calls.append((pattern, graphs["unique_graphs"] > before))
         return total.detach()
 
     return step
@@ -174,12 +174,12 @@ def lattice_step(
 
 def compiled_modes(
     net: DepthDynamicNet, x: Tensor, y: Tensor
-) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], set]:
+) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], list]:
     """What ``--compile`` compares: the eager EKD step against the same step compiled as
     ``model.compile=true`` compiles it (every block on its own, ``compile_blocks``, and the
     loss, ``EKDLoss.compile``), the compiled CE-only step, and the compiled step of lattice
     sampling (a new set of depths every call: the blocks reuse their graphs, the loss makes
-    one per new stage-sharing pattern); and the set the lattice step adds its patterns to."""
+    one per new stage-sharing pattern); and the list the lattice step records its calls in."""
     modes = {}
     for name, loss, compiled in (
         ("ekd", EKDLoss(), False),
@@ -193,11 +193,11 @@ def compiled_modes(
         modes[name] = _bind(ekd_step(copy_, loss, make_sgd(copy_.parameters())), x, y)
     copy_ = copy.deepcopy(net).train()
     copy_.compile_blocks()
-    lattice_loss, patterns = EKDLoss(sampling="lattice"), set()
+    lattice_loss, calls = EKDLoss(sampling="lattice"), []
     lattice_loss.compile()
-    lattice = lattice_step(copy_, make_sgd(copy_.parameters()), lattice_loss, patterns)
+    lattice = lattice_step(copy_, make_sgd(copy_.parameters()), lattice_loss, calls)
     modes["lattice_compiled"] = _bind(lattice, x, y)
-    return modes, patterns
+    return modes, calls
 
 
 def compile_seconds(
@@ -235,44 +235,57 @@ def _bind(step: Step, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     return lambda: step(x, y)
 
 
-def loss_only_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor, *, compiled: bool = False
-) -> dict[str, Callable[[], None]]:
-    """The EKD and the CE-only loss, forward and backward, on one step's outputs held fixed,
-    and the floor of the attention terms; ``compiled``: the losses ``model.compile=true``
-    trains with (``EKDLoss.compile``, inductor).
+def fixed_outputs(net: DepthDynamicNet, x: Tensor, *, bf16: bool) -> list:
+    """One step's outputs of every depth (``forward_depths`` without autograd, under bf16
+    autocast where the steps run in it): what the loss-only figures evaluate the loss on."""
+    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        return copy.deepcopy(net).train().forward_depths(x, net.depths)
+
+
+def leaves(outputs: list) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Fresh leaf copies of ``outputs``' logits and stage outputs; a stage output the prefix
+    tree shares between depths stays one tensor (the loss skips or sums it once)."""
+    copies: dict[int, Tensor] = {}
+
+    def leaf(t: Tensor) -> Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = t.detach().clone().requires_grad_()
+        return copies[id(t)]
+
+    return [leaf(o[0]) for o in outputs], [[leaf(f) for f in o[1]] for o in outputs]
+
+
+def loss_only_modes(outputs: list, y: Tensor, *, compiled: bool = False) -> dict[str, Callable]:
+    """The EKD and the CE-only loss, forward and backward, on one step's ``outputs`` held
+    fixed, and the floor of the attention terms; ``compiled``: the losses
+    ``model.compile=true`` trains with (``EKDLoss.compile``, inductor).
 
     Their time difference is the distillation terms' own cost, measured without the network
-    around it, so far less noisy than ``ekd`` against ``ddnn``. Each mode keeps its outputs
-    (leaves) and their ``.grad`` from call to call, so a gradient is added into an existing
-    one, as in a step, where the attention maps' gradient is added into the gradient the
-    stage output gets from the layers after it (a fresh ``.grad`` would instead be a copy
-    made by a node a step does not have).
+    around it, so far less noisy than ``ekd`` against ``ddnn``. Each mode keeps its leaves
+    and their ``.grad`` from call to call, so a gradient is added into an existing one, as
+    in a step, where the attention maps' gradient is added into the gradient the stage
+    output gets from the layers after it (a fresh ``.grad`` would instead be a copy made by
+    a node a step does not have).
 
     ``loss_floor`` is the CE-only loss plus what any implementation of the attention terms
     pays before its arithmetic: one channel sum over every stage output, and a gradient
     added into each in the backward.
     """
-    with torch.no_grad():
-        outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
     ekd, ddnn = EKDLoss(), EKDLoss(mode="ddnn")
     if compiled:
         ekd.compile()
         ddnn.compile()
-
-    def leaves() -> tuple[list[Tensor], list[list[Tensor]]]:
-        logits = [o[0].detach().clone().requires_grad_() for o in outputs]
-        return logits, [[f.detach().clone().requires_grad_() for f in o[1]] for o in outputs]
 
     def run(loss_fn: EKDLoss, logits: list[Tensor], features: list[list[Tensor]]) -> None:
         loss_fn.terms(logits, features, y).total.backward()
 
     def floor(logits: list[Tensor], features: list[list[Tensor]]) -> None:
         total = ddnn.terms(logits, features, y).total
-        sums = torch.stack([f.sum(dim=1).sum() for fs in features for f in fs])
+        stage_outputs = {id(f): f for fs in features for f in fs}.values()
+        sums = torch.stack([f.sum(dim=1).sum() for f in stage_outputs])
         (total + sums.sum()).backward()
 
-    ekd_leaves, ddnn_leaves, floor_leaves = leaves(), leaves(), leaves()
+    ekd_leaves, ddnn_leaves, floor_leaves = leaves(outputs), leaves(outputs), leaves(outputs)
     modes = {
         "loss_ekd": lambda: run(ekd, *ekd_leaves),
         "loss_ddnn": lambda: run(ddnn, *ddnn_leaves),
@@ -282,24 +295,22 @@ def loss_only_modes(
     return modes
 
 
-def loss_operations(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, dict[str, int]]:
+def loss_operations(outputs: list, y: Tensor) -> dict[str, dict[str, int]]:
     """Operations of one eager EKD and CE-only loss: top-level aten calls of the forward and
-    autograd nodes of the backward (``torch.profiler``), after a first call made the loss's
-    cached constants. On a GPU each is a kernel launch or more; a compiled loss fuses them."""
-    from torch.profiler import profile
+    autograd nodes of the backward (``torch.profiler``, CPU activity), after a first call
+    made the loss's cached constants. On a GPU each is a kernel launch or more; a compiled
+    loss fuses them."""
+    from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad():
-        outputs = copy.deepcopy(net).train().forward_depths(x, net.depths)
     counts = {}
     for mode in ("ekd", "ddnn"):
         loss_fn = EKDLoss(mode=mode)
-        for _ in range(2):  # the second call is counted
-            logits = [o[0].detach().clone().requires_grad_() for o in outputs]
-            features = [[f.detach().clone().requires_grad_() for f in o[1]] for o in outputs]
-            with profile() as forward:
-                total = loss_fn.terms(logits, features, y).total
-            with profile() as backward:
-                total.backward()
+        loss_fn.terms(*leaves(outputs), y).total.backward()  # its constants, uncounted
+        logits, features = leaves(outputs)
+        with profile(activities=[ProfilerActivity.CPU]) as forward:
+            total = loss_fn.terms(logits, features, y).total
+        with profile(activities=[ProfilerActivity.CPU]) as backward:
+            total.backward()
         counts[mode] = {
             "forward_ops": sum(
                 e.cpu_parent is None and e.name.startswith("aten::") for e in forward.events()
@@ -539,13 +550,19 @@ def _run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     times, peaks = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
     wall = time.perf_counter() - start
+    outputs = fixed_outputs(net, x, bf16=args.bf16)
+    loss_modes = loss_only_modes(outputs, y)
+    if args.bf16:
+        loss_modes = with_autocast(loss_modes, device)
     loss_times, _ = time_interleaved(
-        loss_only_modes(net, x, y), repeats=max(20, args.repeats), warmup=2, device=device
+        loss_modes, repeats=max(20, args.repeats), warmup=2, device=device
     )
     loss_median = {name: statistics.median(t) for name, t in loss_times.items()}
     loss_compile_seconds = {}
     if args.compile_loss:
-        compiled_losses = loss_only_modes(net, x, y, compiled=True)
+        compiled_losses = loss_only_modes(outputs, y, compiled=True)
+        if args.bf16:
+            compiled_losses = with_autocast(compiled_losses, device)
         loss_compile_seconds = compile_seconds(compiled_losses, device, every=True)
         compiled_times, _ = time_interleaved(
             compiled_losses, repeats=max(20, args.repeats), warmup=2, device=device
@@ -657,7 +674,7 @@ def _run(args: argparse.Namespace) -> dict:
             f"{1e3 * loss_median['loss_ddnn_compiled']:.2f} ms; first calls (compile) "
             + ", ".join(f"{k} {v} s" for k, v in loss_compile_seconds.items())
         )
-    operations = loss_operations(net, x, y)
+    operations = loss_operations(outputs, y)
     print(
         "loss operations (forward aten calls / backward autograd nodes): "
         + ", ".join(
@@ -685,27 +702,35 @@ def _run(args: argparse.Namespace) -> dict:
 def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict:
     """``--compile``: compile seconds on their own line, then eager against compiled."""
     device = x.device
-    modes, patterns = compiled_modes(net, x, y)
+    modes, calls = compiled_modes(net, x, y)
     if args.bf16:
         modes = with_autocast(modes, device)
     graphs = torch._dynamo.utils.counters["stats"]
     seconds = compile_seconds(modes, device)
     print(f"compile seconds (first call): {json.dumps(seconds)}")
-    before, patterns_before = graphs["unique_graphs"], len(patterns)
+    before, calls_before = graphs["unique_graphs"], len(calls)
     times, _ = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
+    timed_calls = calls[-args.repeats :]
+    new_patterns = {p for p, _ in calls[calls_before:]} - {p for p, _ in calls[:calls_before]}
+    # a lattice call that met a new pattern compiled the loss: left out of its ratio
+    steady = [not made for _, made in timed_calls]
+    lattice = [t for t, keep in zip(times["lattice_compiled"], steady, strict=True) if keep]
+    fixed = [t for t, keep in zip(times["ekd_compiled"], steady, strict=True) if keep]
     result = {
         "compiled_speedup": statistics.median(paired_ratios(times, "ekd", "ekd_compiled")),
         "compiled_distill_overhead": statistics.median(
             paired_ratios(times, "ekd_compiled", "ddnn_compiled")
         )
         - 1.0,
-        "lattice_over_fixed_compiled": statistics.median(
-            paired_ratios(times, "lattice_compiled", "ekd_compiled")
-        ),
     }
+    if lattice:
+        result["lattice_over_fixed_compiled"] = statistics.median(
+            a / b for a, b in zip(lattice, fixed, strict=True)
+        )
     result = {k: round(v, 4) for k, v in result.items()}
-    result["graphs_made_by_new_depth_sets"] = graphs["unique_graphs"] - before
-    result["new_sharing_patterns"] = len(patterns) - patterns_before
+    result["lattice_calls_that_compiled"] = len(timed_calls) - len(lattice)
+    result["graphs_made_during_timing"] = graphs["unique_graphs"] - before
+    result["new_sharing_patterns"] = len(new_patterns)
     result["compile_seconds"] = seconds
     print(
         f"{net.config['arch']} {net.names}, batch {args.batch_size}, {device}, bf16 {args.bf16}, "
@@ -715,13 +740,30 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
         print(f"{name:<18} median {1e3 * statistics.median(values):8.1f} ms")
     print(f"eager / compiled EKD step        {result['compiled_speedup']:.3f}")
     print(f"compiled ekd / ddnn - 1          {100 * result['compiled_distill_overhead']:+.2f}%")
+    if lattice:
+        print(
+            f"lattice / fixed compiled step      {result['lattice_over_fixed_compiled']:.3f} "
+            f"({len(lattice)} timed lattice calls that made no graph; "
+            f"{2 + min(EKDLoss().num_sampled, len(net.lattice()) - 2)} depths against "
+            f"{len(net.depths)})"
+        )
     print(
-        f"graphs made by {args.repeats + args.warmup} new depth sets: "
-        f"{result['graphs_made_by_new_depth_sets']}: the loss one per stage-sharing pattern not "
-        f"met before ({result['new_sharing_patterns']} here), the blocks "
-        f"{result['graphs_made_by_new_depth_sets'] - result['new_sharing_patterns']}"
+        f"graphs made during the timed calls ({args.warmup + args.repeats} new depth sets): "
+        f"{result['graphs_made_during_timing']}; new stage-sharing patterns (the loss makes a "
+        f"graph for each): {result['new_sharing_patterns']}"
     )
     sys.stdout.flush()
+    result["config"] = {
+        "arch": net.config["arch"],
+        "depths": [list(d) for d in net.depths],
+        "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
+    }
     print(json.dumps(result))
     return result
 
