@@ -295,29 +295,53 @@ def loss_only_modes(outputs: list, y: Tensor, *, compiled: bool = False) -> dict
     return modes
 
 
+# aten calls that make no kernel of their own (views, metadata, allocation, a dtype no-op);
+# a kernel called inside one still counts
+_NO_KERNEL = frozenset(
+    "aten::" + name
+    for name in [
+        *("alias", "as_strided", "detach", "empty", "empty_strided", "expand", "expand_as"),
+        *("flatten", "lift_fresh", "narrow", "permute", "reshape", "_reshape_alias", "to"),
+        "promote_types",
+        *("resolve_conj", "resolve_neg", "result_type", "select", "slice", "split"),
+        *("squeeze", "t", "transpose", "unbind", "unsqueeze", "_unsafe_view", "view", "view_as"),
+    ]
+)
+
+
 def loss_operations(outputs: list, y: Tensor) -> dict[str, dict[str, int]]:
-    """Operations of one eager EKD and CE-only loss: top-level aten calls of the forward and
-    autograd nodes of the backward (``torch.profiler``, CPU activity), after a first call
-    made the loss's cached constants. On a GPU each is a kernel launch or more; a compiled
-    loss fuses them."""
+    """Operations of one eager EKD and CE-only loss, forward and backward: the aten calls
+    that make a kernel (no views), counted where the loss or autograd makes them, not inside
+    another aten call (``torch.profiler``, CPU activity; those of a custom autograd
+    Function's forward and backward count), after a first call made the loss's cached
+    constants. On a GPU each is a kernel launch or more; a compiled loss fuses them. Each
+    backward accumulates into existing gradients, as in a step."""
     from torch.profiler import ProfilerActivity, profile
+
+    def kernels(events) -> int:
+        def nested(event) -> bool:
+            parent = event.cpu_parent
+            while parent is not None and (
+                not parent.name.startswith("aten::") or parent.name in _NO_KERNEL
+            ):
+                parent = parent.cpu_parent
+            return parent is not None
+
+        calls = [e for e in events if e.name.startswith("aten::") and e.name not in _NO_KERNEL]
+        return sum(not nested(e) for e in calls)
 
     counts = {}
     for mode in ("ekd", "ddnn"):
         loss_fn = EKDLoss(mode=mode)
-        loss_fn.terms(*leaves(outputs), y).total.backward()  # its constants, uncounted
         logits, features = leaves(outputs)
+        loss_fn.terms(logits, features, y).total.backward()  # constants and .grad, uncounted
         with profile(activities=[ProfilerActivity.CPU]) as forward:
             total = loss_fn.terms(logits, features, y).total
         with profile(activities=[ProfilerActivity.CPU]) as backward:
             total.backward()
         counts[mode] = {
-            "forward_ops": sum(
-                e.cpu_parent is None and e.name.startswith("aten::") for e in forward.events()
-            ),
-            "backward_nodes": sum(
-                e.name.startswith("autograd::engine::evaluate_function") for e in backward.events()
-            ),
+            "forward_ops": kernels(forward.events()),
+            "backward_ops": kernels(backward.events()),
         }
     return counts
 
@@ -676,10 +700,8 @@ def _run(args: argparse.Namespace) -> dict:
         )
     operations = loss_operations(outputs, y)
     print(
-        "loss operations (forward aten calls / backward autograd nodes): "
-        + ", ".join(
-            f"{m} {c['forward_ops']} / {c['backward_nodes']}" for m, c in operations.items()
-        )
+        "loss operations (aten calls that make a kernel, forward / backward): "
+        + ", ".join(f"{m} {c['forward_ops']} / {c['backward_ops']}" for m, c in operations.items())
     )
     memory = activation_memory(net, x, y)
     largest = max(memory[name] for name in net.names)

@@ -9,24 +9,30 @@ import torch
 import torch.nn.functional as F
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.losses import EKDLoss, attention_maps, sharing_pattern
+from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import build_net
 
 
 def test_attention_maps_by_hand():
-    """A = sum over channels, flattened, divided by its L2 norm per sample; a bf16 map is
-    summed with float32 accumulation."""
-    feature = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # (1, 2, 1, 2)
-    expected = torch.tensor([[4.0, 6.0]]) / math.sqrt(16 + 36)
-    torch.testing.assert_close(attention_maps([feature])[0], expected)
-    maps = attention_maps([feature, feature * 2, feature])  # a shared tensor: summed once
-    assert maps.shape == (3, 1, 2)
-    torch.testing.assert_close(maps, expected.expand(3, 1, 2))
-    wide = torch.ones(1, 512, 1, 2, dtype=torch.bfloat16)
-    wide[0, :, 0, 0] = 1.0 + 2**-7  # channel sums 516 and 512: 516 needs 10 bits, bf16 has 8
-    maps = attention_maps([wide])
-    assert maps.dtype == torch.float32
-    assert (maps[0, 0, 0] / maps[0, 0, 1]).item() == pytest.approx(516 / 512, rel=1e-6)
+    """A = sum over channels, flattened, divided by its L2 norm per sample: MSE_1 of two
+    one-stage nets by hand; a bf16 map is summed with float32 accumulation."""
+
+    def mse(full, sub):
+        logits = [torch.zeros(1, 2)] * 2
+        loss = EKDLoss(ensemble=False)
+        return loss.terms(logits, [[full], [sub]], torch.tensor([0])).mse[1].item()
+
+    full = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # (1, 2, 1, 2): sums 4, 6
+    sub = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]]])  # sums 1, 0
+    a = [4 / math.sqrt(52), 6 / math.sqrt(52)]
+    assert mse(full, sub) == pytest.approx(((a[0] - 1) ** 2 + a[1] ** 2) / 2, rel=1e-6)
+    wide = torch.ones(1, 384, 1, 2, dtype=torch.bfloat16)
+    wide[0, :, 0, 0] = 1.0 + 2**-7  # channel sums 387 and 384: bf16 has steps of 2 there
+    flat = torch.ones(1, 384, 1, 2, dtype=torch.bfloat16)  # sums 384, 384
+    want = [387 / math.hypot(387, 384), 384 / math.hypot(387, 384), 1 / math.sqrt(2)]
+    assert mse(wide, flat) == pytest.approx(
+        ((want[0] - want[2]) ** 2 + (want[1] - want[2]) ** 2) / 2, rel=1e-4
+    )
 
 
 def test_kl_by_hand():
@@ -420,6 +426,51 @@ def test_total_is_not_rounded_to_bf16_under_autocast(mode):
     assert got.total.dtype == got.ce_per_depth.dtype == torch.float32
     torch.testing.assert_close(got.total, want.total, rtol=1e-6, atol=0)
     torch.testing.assert_close(got.ce_per_depth, want.ce_per_depth, rtol=1e-6, atol=0)
+
+
+def test_gradients_under_autocast_are_bf16_and_equal_the_float32_ones():
+    """A bf16-mixed step: the gradients of the bf16 logits and feature maps are bf16 and
+    equal the float32 computation's to bf16 precision."""
+    gen = torch.Generator().manual_seed(4)
+    logits = [torch.randn(8, 10, generator=gen).bfloat16() for _ in range(3)]
+    feats = [[torch.rand(8, 16, 4, 4, generator=gen).bfloat16()] for _ in range(3)]
+    y = torch.randint(10, (8,), generator=gen)
+    leaves = [*logits, *(f for fs in feats for f in fs)]
+    wide = [t.float().requires_grad_() for t in leaves]
+    for t in leaves:
+        t.requires_grad_()
+    loss = EKDLoss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(loss.terms(logits, feats, y).total, leaves)
+    fs = [[f] for f in wide[3:]]
+    want = torch.autograd.grad(loss.terms(wide[:3], fs, y).total, wide)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_clamped_maps_and_channels_last_equal_the_reference(memory_format):
+    """float64: samples whose map's norm is below F.normalize's floor (clamped: the map is
+    the sums over the floor), one tiny and one all zero, and channels_last feature maps:
+    terms and gradients equal the per-depth autograd reference."""
+    logits, feats, y = _float64_outputs(seed=5, shapes=((3, 4, 4), (4, 2, 2)), k=2)
+    feats[1][0][0] *= 1e-15  # sub-net 1, stage 1, sample 0: a norm of ~1e-14
+    feats[0][1][2] = 0.0  # the full-net, stage 2, sample 2
+    feats = [[f.contiguous(memory_format=memory_format) for f in fs] for fs in feats]
+    leaves = [*logits, *(f for fs in feats for f in fs)]
+    for t in leaves:
+        t.requires_grad_()
+    loss = EKDLoss()
+    got = loss.terms(logits, feats, y)
+    want_total, _, _, want_mse = _reference_terms(loss, logits, feats, y)
+    close = {"rtol": 1e-6, "atol": 1e-12}
+    torch.testing.assert_close(got.total, want_total, **close)
+    torch.testing.assert_close(got.mse_per_depth, torch.stack(want_mse), **close)
+    grads = torch.autograd.grad(got.total, leaves)
+    for g, w in zip(grads, torch.autograd.grad(want_total, leaves), strict=True):
+        torch.testing.assert_close(g, w, **close)
+    assert grads[3 + 2].abs().max() > 1e9  # the clamped map's gradient: 1 / eps scale
 
 
 @pytest.mark.parametrize("attention_stages", ["all", "differing"])

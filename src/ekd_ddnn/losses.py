@@ -14,19 +14,25 @@ A stage whose output is the very tensor of the full-net's (a sub-net that keeps 
 full block count after a shared input) adds an identically zero MSE; ``attention_stages``
 chooses whether such stages still count in the mean over stages (``all``, the paper's
 formula) or are left out (``differing``).
+
+The cross-entropy goes through autograd; the distillation terms are one
+``torch.autograd.Function`` with a written-out backward (``_Distillation``): a few dozen
+operations per step in all rather than a hundred, for every depth and stage at once.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -36,25 +42,7 @@ MODES = ("individual", "ddnn", "ekd")
 SAMPLINGS = ("fixed", "lattice")
 ATTENTION_STAGES = ("all", "differing")
 
-
-def attention_maps(features: Sequence[Tensor]) -> Tensor:
-    """The attention map of each of ``features`` (B, C, H, W) of one stage, stacked:
-    (len, B, H*W).
-
-    The channel-sum map, flattened, divided by its L2 norm per sample (the arithmetic of
-    ``F.normalize``, without its ``expand_as``: one autograd node fewer per stage). Channels
-    are summed with at least float32 accumulation, so a bf16 map is never upcast to a float32
-    copy; a tensor given twice (depths sharing a stage output) is summed once.
-    """
-    dtype, accumulate = features[0].dtype, _accumulation(features[0].dtype)
-    sums: list[Tensor] = []
-    for i, (f, first) in enumerate(zip(features, _firsts(features), strict=True)):
-        if first < i:  # the same tensor as an earlier one: summed once
-            sums.append(sums[first])
-        else:
-            sums.append(f.sum(dim=1, dtype=None if dtype == accumulate else accumulate))
-    maps = torch.stack(sums).flatten(2)
-    return maps / torch.linalg.vector_norm(maps, dim=-1, keepdim=True).clamp_min(_EPS)
+_T = TypeVar("_T")
 
 
 def _firsts(tensors: Sequence[Tensor]) -> list[int]:
@@ -257,12 +245,17 @@ class EKDLoss:
             device, dtype = log_likelihood.device, log_likelihood.dtype
             total = (log_likelihood * _constant(ce_weights, device, dtype)).sum()
             return EKDTerms(total, log_likelihood, ce_scales, depths)
-        kl = self._kl(stacked, log_probs)
-        mse, counts = self._mse(features)
-        students = len(kl)
-        raw = torch.cat([log_likelihood, kl, mse])  # promoted: the total is never summed in bf16
+        if self.temperature != 1:
+            log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
+        pixels = tuple(math.prod(f.shape[2:]) for f in features[0])
+        plan = _plan(sharing_pattern(features), pixels, self.ensemble, self.attention_stages)
+        pixel_weights = _pixel_weights(plan.bounds, batch, log_probs.device, log_probs.dtype)
+        stage_outputs = [features[d][s] for d, s in plan.inputs]
+        distilled = _Distillation.apply(plan, pixel_weights, log_probs, *stage_outputs)
+        students = plan.students
+        raw = torch.cat([log_likelihood, distilled])
         kl_scales = (self.temperature**2 / batch,) * students
-        mse_scales = tuple(1.0 / count for count in counts)
+        mse_scales = tuple(1.0 / count for count in plan.counts)
         weights = (
             ce_weights
             + tuple(self.w / depths * v for v in kl_scales)
@@ -271,57 +264,24 @@ class EKDLoss:
         total = (raw * _constant(weights, raw.device, raw.dtype)).sum()
         return EKDTerms(total, raw, ce_scales + kl_scales + mse_scales, depths, students)
 
-    def _teachers(self, values: Tensor) -> Tensor:
-        """The teacher of each student row of ``values`` (D, ...), detached: the depths'
-        mean for the full-net (with the ensemble terms), then the full-net for each sub-net."""
-        values = values.detach()
-        full = values[:1].expand(len(values) - 1, *values.shape[1:])
-        if not self.ensemble:
-            return full
-        return torch.cat([values.mean(dim=0, keepdim=True), full])
 
-    def _students(self, values: Tensor | list) -> Tensor | list:
-        """The rows of ``values`` (one per depth) that have a teacher: all, or the sub-nets'
-        alone without the ensemble terms."""
-        return values if self.ensemble else values[1:]
+def _teachers(values: Tensor, ensemble: bool, dim: int) -> Tensor:
+    """The teacher of each student, from ``values`` with one entry per depth along ``dim``
+    (full-net first): the depths' mean for the full-net (the ensemble terms), then the
+    full-net for each sub-net; without the ensemble terms the full-net alone, which
+    broadcasts against the sub-nets' entries."""
+    full = values.narrow(dim, 0, 1)
+    if not ensemble:
+        return full
+    shape = list(values.shape)
+    shape[dim] -= 1
+    return torch.cat([values.mean(dim=dim, keepdim=True), full.expand(shape)], dim=dim)
 
-    def _kl(self, stacked: Tensor, log_probs: Tensor) -> Tensor:
-        """``B * KL(teacher || student) / T^2`` per student from the stacked logits
-        (``log_probs``: their log-softmax at ``T = 1``, reused where ``T = 1``)."""
-        if self.temperature != 1:
-            log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
-        teachers = self._teachers(log_probs.detach().exp())
-        pointwise = F.kl_div(self._students(log_probs), teachers, reduction="none")
-        return pointwise.sum(dim=(1, 2))
 
-    def _mse(self, features: Sequence[Sequence[Tensor]]) -> tuple[Tensor, list[int]]:
-        """Per student (``MSE_t, MSE_1..MSE_K``, sub-nets only without the ensemble terms) the
-        sum over stages of the attention maps' MSE, and the number of stages its mean is over
-        (``attention_stages``).
-
-        The stages' maps are joined along the pixels and weighted by ``1/(B * H_s W_s)``,
-        so one difference and one weighted sum give every depth's sum over stages. A stage
-        whose output every depth shares adds exactly zero for the sub-nets (and a
-        rounding-level zero for ``MSE_t``), so it is not computed; it still counts in the
-        mean over stages with ``all``, as in the paper's formula.
-        """
-        stages = range(len(features[0]))
-        full = features[0]
-        differs = [[first != 0 for first in depth] for depth in sharing_pattern(features)]
-        computed = [s for s in stages if any(d[s] for d in differs[1:])]
-        if self.attention_stages == "all":
-            counts = [len(stages)] * len(features)
-        else:
-            counts = [max(1, len(computed))]
-            counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
-        counts = self._students(counts)
-        if not computed:
-            return full[0].new_zeros(len(counts), dtype=_accumulation(full[0].dtype)), counts
-        joined = torch.cat([attention_maps([f[s] for f in features]) for s in computed], dim=-1)
-        shape = tuple(_batch_pixels(full[s]) for s in computed)
-        pixel_weights = _pixel_weights(shape, joined.device, joined.dtype)
-        squares = (self._students(joined) - self._teachers(joined)).pow(2)
-        return (squares * pixel_weights).sum(dim=(1, 2)), counts
+def _students(values: Tensor, ensemble: bool, dim: int) -> Tensor:
+    """The entries of ``values`` along ``dim`` (one per depth) that have a teacher: all, or the
+    sub-nets' alone without the ensemble terms."""
+    return values if ensemble else values.narrow(dim, 1, values.shape[dim] - 1)
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -329,36 +289,151 @@ def _accumulation(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _batch_pixels(feature: Tensor) -> tuple[int, int]:
-    """``(B, H * W)`` of a (B, C, H, W) feature map: the shape of its attention map."""
-    return feature.shape[0], math.prod(feature.shape[2:])
-
-
-def _built_once(build: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``build``'s tensor made once per arguments and kept: a host-to-device copy in every
-    step would wait for the GPU's queue. Made outside any inference mode, so that a tensor
-    first asked for by an evaluation still serves training. Under ``torch.compile`` it is
-    built in the trace instead (a constant of the graph; Dynamo warns on cached calls)."""
+def _built_once(build: Callable[..., _T]) -> Callable[..., _T]:
+    """``build``'s result made once per arguments and kept: a plan is built in Python, a
+    tensor by a host-to-device copy that in every step would wait for the GPU's queue. Made
+    outside any inference mode, so that a tensor first asked for by an evaluation still
+    serves training. Under ``torch.compile`` it is built in the trace instead (a constant of
+    the graph; Dynamo warns on cached calls)."""
     cached = functools.lru_cache(maxsize=256)(torch.inference_mode(False)(build))
 
     @functools.wraps(build)
-    def get(*args: Any) -> Tensor:
+    def get(*args: Any) -> _T:
         return build(*args) if torch.compiler.is_compiling() else cached(*args)
 
     get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
     return get
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Where the attention terms of one sharing pattern read their maps, and how they sum.
+
+    ``inputs``: the (depth, stage) of each distinct stage output of a computed stage (one
+    where some sub-net's output is not the full-net's); ``rows``: per depth, the index in
+    ``inputs`` of its output of each computed stage; ``bounds``: each computed stage's
+    pixels in a depth's row of joined maps (start, stop); ``counts``: per student, the
+    stages its MSE averages over (``attention_stages``).
+    """
+
+    ensemble: bool
+    inputs: tuple[tuple[int, int], ...]
+    rows: tuple[tuple[int, ...], ...]
+    bounds: tuple[tuple[int, int], ...]
+    counts: tuple[int, ...]
+
+    @property
+    def students(self) -> int:
+        """The number of KL (and of MSE) terms."""
+        return len(self.counts)
+
+
+@_built_once
+def _plan(
+    pattern: tuple[tuple[int, ...], ...],
+    pixels: tuple[int, ...],
+    ensemble: bool,
+    attention_stages: str,
+) -> _Plan:
+    """The plan of a :func:`sharing_pattern` and the stages' pixel counts: made once, as the
+    steps of a fixed set of depths all share one pattern. A stage whose output every depth
+    shares adds exactly zero for the sub-nets (and a rounding-level zero for ``MSE_t``), so
+    it is not computed; with ``all`` it still counts in the mean over stages, as in the
+    paper's formula."""
+    differs = [[first != 0 for first in depth] for depth in pattern]
+    computed = [s for s in range(len(pixels)) if any(d[s] for d in differs[1:])]
+    inputs = [(d, s) for d, depth in enumerate(pattern) for s in computed if depth[s] == d]
+    rows = tuple(tuple(inputs.index((depth[s], s)) for s in computed) for depth in pattern)
+    stops = list(itertools.accumulate(pixels[s] for s in computed))
+    bounds = tuple(zip([0, *stops], stops, strict=False))
+    if attention_stages == "all":
+        counts = [len(pixels)] * len(pattern)
+    else:
+        counts = [max(1, len(computed))]
+        counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
+    return _Plan(ensemble, tuple(inputs), rows, bounds, tuple(counts if ensemble else counts[1:]))
+
+
+class _Distillation(torch.autograd.Function):
+    """The distillation terms' sums, per student: ``B * KL / T^2``, then the attention MSEs
+    summed over the stages, from the log-probabilities (D, B, classes) and the stage outputs
+    a :class:`_Plan` names; the backward is written out.
+
+    Why not autograd: it replays a backward node for each of the terms' small operations, a
+    kernel launch or more each on a GPU and several microseconds each on a CPU, where the
+    step is bound by such overheads rather than by arithmetic (issue 15). Here the forward
+    works on every stage's maps at once, joined along the pixels of one (B, depths, pixels)
+    tensor, and the backward is the closed form: half the backward operations of autograd
+    (``bench/step_cost.py`` counts them). It equals autograd of the plain formulas, values
+    and gradients (``tests/test_losses.py``). The teachers are constants, so only the
+    student side of each term moves.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, plan: _Plan, pixel_weights: Tensor, log_probs: Tensor, *outputs: Tensor
+    ) -> Tensor:
+        teacher = _teachers(log_probs.exp(), plan.ensemble, dim=0)
+        student = _students(log_probs, plan.ensemble, dim=0)
+        kl = (torch.special.xlogy(teacher, teacher) - teacher * student).sum(dim=(1, 2))
+        ctx.plan, ctx.kl_teacher = plan, teacher
+        ctx.outputs = [(f.shape, f.dtype) for f in outputs]
+        if not plan.bounds:
+            return torch.cat([kl, kl.new_zeros(plan.students)])
+        # channel sums in the loss's dtype, float32 at least: a bf16 map is never rounded
+        sums = [f.sum(dim=1, dtype=kl.dtype).flatten(1) for f in outputs]
+        maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
+        maps = maps.view(len(maps), len(plan.rows), -1)  # (B, depths, every stage's pixels)
+        norms = torch.stack([vector_norm(maps[..., a:b], dim=-1) for a, b in plan.bounds], -1)
+        inverse = norms.clamp_min(_EPS).reciprocal_()
+        for s, (a, b) in enumerate(plan.bounds):  # F.normalize's arithmetic, per stage
+            maps[..., a:b].mul_(inverse[..., s, None])
+        diff = _students(maps, plan.ensemble, dim=1) - _teachers(maps, plan.ensemble, dim=1)
+        weighted = diff * pixel_weights
+        mse = (weighted * diff).sum(dim=(0, 2))
+        # where a norm was clamped, the map is the sums over the floor: no projection
+        ctx.save_for_backward(weighted, maps, inverse, norms > _EPS)
+        return torch.cat([kl, mse])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        plan, students = ctx.plan, ctx.plan.students
+        grad_log_probs = ctx.kl_teacher * -grad[:students, None, None]
+        if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
+            grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
+        grad_outputs: list[Tensor | None] = [None] * len(ctx.outputs)
+        if plan.bounds:
+            weighted, maps, inverse, projected = ctx.saved_tensors
+            first = len(plan.rows) - students  # the sub-nets alone without the ensemble terms
+            maps = maps[:, first:]
+            grad_maps = weighted * (2 * grad[students:, None])
+            along = grad_maps * maps
+            along = torch.stack([along[..., a:b].sum(dim=-1) for a, b in plan.bounds], -1)
+            along = along * projected[:, first:]
+            inverse = inverse[:, first:]
+            for s, (a, b) in enumerate(plan.bounds):  # now the gradient of the sums
+                part = grad_maps[..., a:b].addcmul_(maps[..., a:b], along[..., s, None], value=-1)
+                part.mul_(inverse[..., s, None])
+            for d, row in enumerate(plan.rows[first:]):
+                for i, (a, b) in zip(row, plan.bounds, strict=True):
+                    part = grad_maps[:, d, a:b]
+                    grad_outputs[i] = part if grad_outputs[i] is None else grad_outputs[i] + part
+            for i, (shape, dtype) in enumerate(ctx.outputs):
+                if grad_outputs[i] is not None:  # the channel sum's gradient: a broadcast
+                    part = grad_outputs[i].to(dtype).view(shape[0], 1, *shape[2:])
+                    grad_outputs[i] = part.expand(shape)
+        return None, None, grad_log_probs, *grad_outputs
+
+
 @_built_once
 def _pixel_weights(
-    shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
+    bounds: tuple[tuple[int, int], ...], batch: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """``1 / (B * H_s W_s)`` for each pixel of the stages' joined attention maps: a squared
-    difference summed with these weights is the sum over stages of the per-stage MSE."""
-    weights = [
-        torch.full((pixels,), 1.0 / (batch * pixels), dtype=dtype) for batch, pixels in shapes
-    ]
-    return torch.cat(weights).to(device)
+    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.bounds``): a
+    squared difference summed with these weights is the sum over stages of the stage MSEs."""
+    weights = [torch.full((b - a,), 1.0 / (batch * (b - a)), dtype=dtype) for a, b in bounds]
+    return torch.cat(weights or [torch.zeros(0, dtype=dtype)]).to(device)
 
 
 @_built_once
