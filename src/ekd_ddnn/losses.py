@@ -188,7 +188,7 @@ class EKDLoss:
 
     def compile(self, **options: Any) -> None:
         """Evaluate the loss through ``torch.compile`` from now on (``model.compile=true``):
-        its ~50 small operations forward and as many backward run as one compiled graph each.
+        its ~40 small operations forward and ~30 backward run as one compiled graph each.
 
         Dynamo makes one graph per batch size and per pattern of stage outputs shared between
         the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
@@ -249,7 +249,11 @@ class EKDLoss:
             log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
         pixels = tuple(math.prod(f.shape[2:]) for f in features[0])
         plan = _plan(sharing_pattern(features), pixels, self.ensemble, self.attention_stages)
-        pixel_weights = _pixel_weights(plan.bounds, batch, log_probs.device, log_probs.dtype)
+        pixel_weights = (
+            _pixel_weights(plan.bounds, batch, log_probs.device, log_probs.dtype)
+            if plan.bounds
+            else None
+        )
         stage_outputs = [features[d][s] for d, s in plan.inputs]
         distilled = _Distillation.apply(plan, pixel_weights, log_probs, *stage_outputs)
         students = plan.students
@@ -309,9 +313,10 @@ def _built_once(build: Callable[..., _T]) -> Callable[..., _T]:
 class _Plan:
     """Where the attention terms of one sharing pattern read their maps, and how they sum.
 
-    ``inputs``: the (depth, stage) of each distinct stage output of a computed stage (one
-    where some sub-net's output is not the full-net's); ``rows``: per depth, the index in
-    ``inputs`` of its output of each computed stage; ``bounds``: each computed stage's
+    ``ensemble``: whether the full-net is a student too (of the depths' mean); ``inputs``:
+    the (depth, stage) of each distinct stage output of a computed stage (one where some
+    sub-net's output is not the full-net's); ``rows``: per depth, full-net first, the index
+    in ``inputs`` of its output of each computed stage; ``bounds``: each computed stage's
     pixels in a depth's row of joined maps (start, stop); ``counts``: per student, the
     stages its MSE averages over (``attention_stages``).
     """
@@ -344,8 +349,7 @@ def _plan(
     computed = [s for s in range(len(pixels)) if any(d[s] for d in differs[1:])]
     inputs = [(d, s) for d, depth in enumerate(pattern) for s in computed if depth[s] == d]
     rows = tuple(tuple(inputs.index((depth[s], s)) for s in computed) for depth in pattern)
-    stops = list(itertools.accumulate(pixels[s] for s in computed))
-    bounds = tuple(zip([0, *stops], stops, strict=False))
+    bounds = tuple(itertools.pairwise([0, *itertools.accumulate(pixels[s] for s in computed)]))
     if attention_stages == "all":
         counts = [len(pixels)] * len(pattern)
     else:
@@ -366,22 +370,29 @@ class _Distillation(torch.autograd.Function):
     tensor, and the backward is the closed form: half the backward operations of autograd
     (``bench/step_cost.py`` counts them). It equals autograd of the plain formulas, values
     and gradients (``tests/test_losses.py``). The teachers are constants, so only the
-    student side of each term moves.
+    student side of each term moves. Once differentiable: no gradient of a gradient.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, plan: _Plan, pixel_weights: Tensor, log_probs: Tensor, *outputs: Tensor
+        ctx: Any,
+        plan: _Plan,
+        pixel_weights: Tensor | None,
+        log_probs: Tensor,
+        *stage_outputs: Tensor,
     ) -> Tensor:
         teacher = _teachers(log_probs.exp(), plan.ensemble, dim=0)
         student = _students(log_probs, plan.ensemble, dim=0)
         kl = (torch.special.xlogy(teacher, teacher) - teacher * student).sum(dim=(1, 2))
-        ctx.plan, ctx.kl_teacher = plan, teacher
-        ctx.outputs = [(f.shape, f.dtype) for f in outputs]
+        ctx.plan = plan
+        ctx.stage_outputs = [(f.shape, f.dtype) for f in stage_outputs]
         if not plan.bounds:
+            ctx.save_for_backward(teacher)
             return torch.cat([kl, kl.new_zeros(plan.students)])
-        # channel sums in the loss's dtype, float32 at least: a bf16 map is never rounded
-        sums = [f.sum(dim=1, dtype=kl.dtype).flatten(1) for f in outputs]
+        # in the loss's dtype or the maps', the wider (float32 at least: a bf16 map's channel
+        # sums are never rounded to bf16)
+        dtype = torch.promote_types(kl.dtype, stage_outputs[0].dtype)
+        sums = [f.sum(dim=1, dtype=dtype).flatten(1) for f in stage_outputs]
         maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
         maps = maps.view(len(maps), len(plan.rows), -1)  # (B, depths, every stage's pixels)
         norms = torch.stack([vector_norm(maps[..., a:b], dim=-1) for a, b in plan.bounds], -1)
@@ -392,22 +403,25 @@ class _Distillation(torch.autograd.Function):
         weighted = diff * pixel_weights
         mse = (weighted * diff).sum(dim=(0, 2))
         # where a norm was clamped, the map is the sums over the floor: no projection
-        ctx.save_for_backward(weighted, maps, inverse, norms > _EPS)
-        return torch.cat([kl, mse])
+        ctx.save_for_backward(teacher, weighted, maps, inverse, norms > _EPS)
+        return torch.cat([kl, mse.to(kl.dtype)])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         plan, students = ctx.plan, ctx.plan.students
-        grad_log_probs = ctx.kl_teacher * -grad[:students, None, None]
-        if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
-            grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
-        grad_outputs: list[Tensor | None] = [None] * len(ctx.outputs)
-        if plan.bounds:
-            weighted, maps, inverse, projected = ctx.saved_tensors
+        teacher, *saved = ctx.saved_tensors
+        grad_log_probs = None
+        if ctx.needs_input_grad[2]:
+            grad_log_probs = teacher * -grad[:students, None, None]
+            if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
+                grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
+        grad_stage_outputs: list[Tensor | None] = [None] * len(ctx.stage_outputs)
+        if plan.bounds and any(ctx.needs_input_grad[3:]):
+            weighted, maps, inverse, projected = saved
             first = len(plan.rows) - students  # the sub-nets alone without the ensemble terms
             maps = maps[:, first:]
-            grad_maps = weighted * (2 * grad[students:, None])
+            grad_maps = weighted * (2 * grad[students:, None]).to(weighted.dtype)
             along = grad_maps * maps
             along = torch.stack([along[..., a:b].sum(dim=-1) for a, b in plan.bounds], -1)
             along = along * projected[:, first:]
@@ -415,15 +429,18 @@ class _Distillation(torch.autograd.Function):
             for s, (a, b) in enumerate(plan.bounds):  # now the gradient of the sums
                 part = grad_maps[..., a:b].addcmul_(maps[..., a:b], along[..., s, None], value=-1)
                 part.mul_(inverse[..., s, None])
+            grads = grad_stage_outputs
             for d, row in enumerate(plan.rows[first:]):
                 for i, (a, b) in zip(row, plan.bounds, strict=True):
                     part = grad_maps[:, d, a:b]
-                    grad_outputs[i] = part if grad_outputs[i] is None else grad_outputs[i] + part
-            for i, (shape, dtype) in enumerate(ctx.outputs):
-                if grad_outputs[i] is not None:  # the channel sum's gradient: a broadcast
-                    part = grad_outputs[i].to(dtype).view(shape[0], 1, *shape[2:])
-                    grad_outputs[i] = part.expand(shape)
-        return None, None, grad_log_probs, *grad_outputs
+                    grads[i] = part if grads[i] is None else grads[i] + part
+            for i, (shape, dtype) in enumerate(ctx.stage_outputs):
+                if grads[i] is not None and ctx.needs_input_grad[3 + i]:
+                    # the channel sum's gradient: a broadcast, in the map's dtype
+                    grads[i] = grads[i].to(dtype).view(shape[0], 1, *shape[2:]).expand(shape)
+                else:
+                    grads[i] = None
+        return None, None, grad_log_probs, *grad_stage_outputs
 
 
 @_built_once
@@ -433,7 +450,7 @@ def _pixel_weights(
     """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.bounds``): a
     squared difference summed with these weights is the sum over stages of the stage MSEs."""
     weights = [torch.full((b - a,), 1.0 / (batch * (b - a)), dtype=dtype) for a, b in bounds]
-    return torch.cat(weights or [torch.zeros(0, dtype=dtype)]).to(device)
+    return torch.cat(weights).to(device)
 
 
 @_built_once
