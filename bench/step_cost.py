@@ -302,8 +302,8 @@ _NO_KERNEL = frozenset(
     for name in [
         *("alias", "as_strided", "detach", "empty", "empty_strided", "expand", "expand_as"),
         *("flatten", "lift_fresh", "narrow", "permute", "reshape", "_reshape_alias", "to"),
-        "promote_types",
-        *("resolve_conj", "resolve_neg", "result_type", "select", "slice", "split"),
+        *("promote_types", "resolve_conj", "resolve_neg", "result_type", "select", "slice"),
+        "split",
         *("squeeze", "t", "transpose", "unbind", "unsqueeze", "_unsafe_view", "view", "view_as"),
     ]
 )
