@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from settings import add_threads_argument, bench_threads
-from step_cost import ekd_step, make_sgd, paired_ratios, synchronize, time_interleaved
+from step_cost import ekd_step, make_sgd, paired_ratios, time_interleaved
 from torch import Tensor
 
 from ekd_ddnn.data import CIFARDataModule
 from ekd_ddnn.data.device import DeviceBatches, EpochDraws
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import build_net
+from ekd_ddnn.timing import synchronize
 
 Batch = tuple[Tensor, Tensor]
 MODES = ("preloaded", "on_device", "dataloader")

@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
 from ekd_ddnn.sampling import sample_depths
+from ekd_ddnn.timing import synchronize
 
 Step = Callable[[Tensor, Tensor], Tensor]
 TRAIN_MODES = ("ekd", "individual", "unshared", "ddnn")
@@ -398,11 +399,6 @@ def activation_memory(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, f
             lambda alone=alone: F.cross_entropy(logits_of(alone(x)), y), list(alone.parameters())
         )
     return memory
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_interleaved(

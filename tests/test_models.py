@@ -313,6 +313,8 @@ def test_recalibrate_bn_stats_equals_plain_reestimation(bn_stats):
         ("cifar_resnet20", [float("inf"), 1, 1], "depth [inf, 1, 1] is not a list of block"),
         ("cifar_resnet20", [torch.tensor(True), 1, 1], "is not a list of block counts"),
         ("cifar_resnet20", ["2", 1, 1], "depth ['2', 1, 1] is not a list of block counts"),
+        ("cifar_resnet20", [np.float32(2.5), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [torch.tensor(float("nan")), 1, 1], "is not a list of block counts"),
     ],
 )
 def test_invalid_depths(arch, depth, message):
@@ -324,9 +326,11 @@ def test_invalid_depths(arch, depth, message):
 
 
 def test_depths_of_any_integer_kind():
-    """NumPy integers, 0-d integer tensors and integral floats are block counts."""
+    """NumPy integers, 0-d integer tensors and integral floats of any kind (Python, NumPy of
+    any width, 0-d tensors) are block counts."""
     net = build_net("cifar_resnet20")
     assert net.check_depth([np.int64(2), torch.tensor(1), 3.0]) == (2, 1, 3)
+    assert net.check_depth([np.float32(2.0), torch.tensor(1.0), np.float64(3.0)]) == (2, 1, 3)
 
 
 def test_duplicate_subnets_and_unknown_arch():

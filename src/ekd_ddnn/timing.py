@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; a CPU needs no wait)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -22,12 +23,12 @@ def median_forward_seconds(
     """Median wall time of ``model(x)`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         model(x)
-    _synchronize(x.device)
+    synchronize(x.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(x)
-        _synchronize(x.device)
+        synchronize(x.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

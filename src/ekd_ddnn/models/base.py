@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,12 +28,15 @@ NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage featur
 
 def _block_count(n: Any) -> int:
     """``n`` as a block count: an integer of any kind (``operator.index``: Python, NumPy,
-    0-d tensor) or a float with an integral value; never a bool (True, NumPy's or a bool
-    tensor's), never rounded (2.5, inf, nan, "3": ValueError or TypeError)."""
+    integer tensors) or a real number of an integral value (Python, NumPy or 0-d tensor
+    floats); never a bool (True, NumPy's or a bool tensor's), never rounded (2.5, inf, nan,
+    "3": ValueError or TypeError)."""
     if isinstance(n, bool) or getattr(n, "dtype", None) == torch.bool:
         raise TypeError("a bool is not a block count")
-    if isinstance(n, float):
-        if not n.is_integer():
+    if isinstance(n, Tensor) and n.ndim == 0 and n.is_floating_point():
+        n = n.item()
+    if isinstance(n, numbers.Real) and not isinstance(n, numbers.Integral):
+        if not float(n).is_integer():  # 2.5, inf and nan alike
             raise ValueError("not an integral value")
         return int(n)
     return operator.index(n)
