@@ -304,7 +304,7 @@ _NO_KERNEL = frozenset(
         *("alias", "as_strided", "detach", "empty", "empty_strided", "expand", "expand_as"),
         *("flatten", "lift_fresh", "narrow", "permute", "reshape", "_reshape_alias", "to"),
         *("promote_types", "resolve_conj", "resolve_neg", "result_type", "select", "slice"),
-        "split",
+        *("split", "split_with_sizes"),
         *("squeeze", "t", "transpose", "unbind", "unsqueeze", "_unsafe_view", "view", "view_as"),
     ]
 )

@@ -358,13 +358,16 @@ def _reference_terms(loss, logits, features, targets):
 def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
     """float64: every term, the total and the gradients of every logit and feature map equal
     the per-depth computation to 1e-6 (relative), with stage outputs shared between depths
-    as the prefix tree returns them (``prefix``: stage 1 shared by all, stage 2 by sub-net 1;
-    ``all``: every stage of sub-net 1 is the full-net's)."""
+    as the prefix tree returns them (``prefix``: stage 1 shared by all, stage 2 by sub-net 1
+    and, with three sub-nets, sub-nets 2 and 3 share another; ``all``: every stage of
+    sub-net 1 is the full-net's)."""
     logits, feats, y = _float64_outputs(seed=k, shapes=((3, 4, 4), (4, 2, 2), (2, 2, 2)), k=k)
     if k and shared == "prefix":
         for f in feats[1:]:
             f[0] = feats[0][0]
         feats[1][1] = feats[0][1]
+    if k == 3 and shared == "prefix":
+        feats[3][1] = feats[2][1]
     if k and shared == "all":
         feats[1] = list(feats[0])
     leaves = [*logits, *{id(f): f for fs in feats for f in fs}.values()]

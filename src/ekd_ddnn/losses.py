@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,7 +49,14 @@ _T = TypeVar("_T")
 def _firsts(tensors: Sequence[Tensor]) -> list[int]:
     """For each tensor, the index of the first that is the very same tensor. Identity, not
     ``id()``: a compiled loss would guard on (and recompile for) every tensor's id."""
-    return [next(j for j, t in enumerate(tensors) if t is u) for u in tensors]
+    firsts = []
+    for i, u in enumerate(tensors):
+        firsts.append(i)
+        for j in range(i):
+            if tensors[j] is u:
+                firsts[i] = j
+                break
+    return firsts
 
 
 def sharing_pattern(features: Sequence[Sequence[Tensor]]) -> tuple[tuple[int, ...], ...]:
@@ -247,11 +255,11 @@ class EKDLoss:
             return EKDTerms(total, log_likelihood, ce_scales, depths)
         if self.temperature != 1:
             log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
-        pixels = tuple(math.prod(f.shape[2:]) for f in features[0])
-        plan = _plan(sharing_pattern(features), pixels, self.ensemble, self.attention_stages)
+        spatial = tuple(f.shape[2:] for f in features[0])
+        plan = _plan(sharing_pattern(features), spatial, self.ensemble, self.attention_stages)
         pixel_weights = (
-            _pixel_weights(plan.bounds, batch, log_probs.device, log_probs.dtype)
-            if plan.bounds
+            _pixel_weights(plan.sizes, batch, log_probs.device, log_probs.dtype)
+            if plan.sizes
             else None
         )
         stage_outputs = [features[d][s] for d, s in plan.inputs]
@@ -316,16 +324,21 @@ class _Plan:
     ``ensemble``: whether the full-net is a student too (of the depths' mean); ``inputs``:
     the (depth, stage) of each distinct stage output of a computed stage (one where some
     sub-net's output is not the full-net's); ``rows``: per depth, full-net first, the index
-    in ``inputs`` of its output of each computed stage; ``bounds``: each computed stage's
-    pixels in a depth's row of joined maps (start, stop); ``counts``: per student, the
-    stages its MSE averages over (``attention_stages``).
+    in ``inputs`` of its output of each computed stage; ``sizes``: each computed stage's
+    pixels, the stages' order in a depth's row of joined maps; ``counts``: per student, the
+    stages its MSE averages over (``attention_stages``); ``slots``: per input, where its
+    gradient lies in the students' joined maps (B, students, pixels), as the offset of
+    (student, stage start): one place, or more where depths share the output; ``strides``:
+    per input, the strides that broadcast the pixels at a slot over the channels.
     """
 
     ensemble: bool
     inputs: tuple[tuple[int, int], ...]
     rows: tuple[tuple[int, ...], ...]
-    bounds: tuple[tuple[int, int], ...]
+    sizes: tuple[int, ...]
     counts: tuple[int, ...]
+    slots: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
 
     @property
     def students(self) -> int:
@@ -336,26 +349,49 @@ class _Plan:
 @_built_once
 def _plan(
     pattern: tuple[tuple[int, ...], ...],
-    pixels: tuple[int, ...],
+    spatial: tuple[tuple[int, ...], ...],
     ensemble: bool,
     attention_stages: str,
 ) -> _Plan:
-    """The plan of a :func:`sharing_pattern` and the stages' pixel counts: made once, as the
+    """The plan of a :func:`sharing_pattern` and the stages' spatial sizes: made once, as the
     steps of a fixed set of depths all share one pattern. A stage whose output every depth
     shares adds exactly zero for the sub-nets (and a rounding-level zero for ``MSE_t``), so
     it is not computed; with ``all`` it still counts in the mean over stages, as in the
     paper's formula."""
+    pixels = [math.prod(size) for size in spatial]
     differs = [[first != 0 for first in depth] for depth in pattern]
     computed = [s for s in range(len(pixels)) if any(d[s] for d in differs[1:])]
     inputs = [(d, s) for d, depth in enumerate(pattern) for s in computed if depth[s] == d]
     rows = tuple(tuple(inputs.index((depth[s], s)) for s in computed) for depth in pattern)
-    bounds = tuple(itertools.pairwise([0, *itertools.accumulate(pixels[s] for s in computed)]))
+    sizes = tuple(pixels[s] for s in computed)
     if attention_stages == "all":
         counts = [len(pixels)] * len(pattern)
     else:
         counts = [max(1, len(computed))]
         counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
-    return _Plan(ensemble, tuple(inputs), rows, bounds, tuple(counts if ensemble else counts[1:]))
+    counts = counts if ensemble else counts[1:]
+    # the students' joined maps of one sample: student after student, each stage's pixels
+    # contiguous and row-major
+    *starts, width = itertools.accumulate(sizes, initial=0)
+    slots: list[list[int]] = [[] for _ in inputs]
+    for k, row in enumerate(rows[len(rows) - len(counts) :]):
+        for i, start in zip(row, starts, strict=True):
+            slots[i].append(k * width + start)
+    strides = [(len(counts) * width, 0, *_contiguous_strides(spatial[s])) for _, s in inputs]
+    return _Plan(
+        ensemble,
+        tuple(inputs),
+        rows,
+        sizes,
+        tuple(counts),
+        tuple(map(tuple, slots)),
+        tuple(strides),
+    )
+
+
+def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``size``."""
+    return tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
 
 
 class _Distillation(torch.autograd.Function):
@@ -386,24 +422,29 @@ class _Distillation(torch.autograd.Function):
         kl = (torch.special.xlogy(teacher, teacher) - teacher * student).sum(dim=(1, 2))
         ctx.plan = plan
         ctx.stage_outputs = [(f.shape, f.dtype) for f in stage_outputs]
-        if not plan.bounds:
+        if not plan.sizes:
             ctx.save_for_backward(teacher)
             return torch.cat([kl, kl.new_zeros(plan.students)])
         # in the loss's dtype or the maps', the wider (float32 at least: a bf16 map's channel
         # sums are never rounded to bf16)
         dtype = torch.promote_types(kl.dtype, stage_outputs[0].dtype)
-        sums = [f.sum(dim=1, dtype=dtype).flatten(1) for f in stage_outputs]
+        batch = log_probs.shape[1]
+        sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
         maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
-        maps = maps.view(len(maps), len(plan.rows), -1)  # (B, depths, every stage's pixels)
-        norms = torch.stack([vector_norm(maps[..., a:b], dim=-1) for a, b in plan.bounds], -1)
+        maps = maps.view(batch, len(plan.rows), -1)  # (B, depths, every stage's pixels)
+        stages = maps.split(plan.sizes, dim=-1)
+        norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
         inverse = norms.clamp_min(_EPS).reciprocal_()
-        for s, (a, b) in enumerate(plan.bounds):  # F.normalize's arithmetic, per stage
-            maps[..., a:b].mul_(inverse[..., s, None])
-        diff = _students(maps, plan.ensemble, dim=1) - _teachers(maps, plan.ensemble, dim=1)
+        for m, scale in zip(stages, inverse.unbind(-1), strict=True):
+            m.mul_(scale.unsqueeze(-1))  # F.normalize's arithmetic, per stage
+        if plan.ensemble:  # m_0 - mean(m) = -sum_k (m_k - m_0) / depths
+            diff = maps - maps.narrow(1, 0, 1)
+            diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / len(plan.rows))
+        else:
+            diff = maps.narrow(1, 1, plan.students) - maps.narrow(1, 0, 1)
         weighted = diff * pixel_weights
         mse = (weighted * diff).sum(dim=(0, 2))
-        # where a norm was clamped, the map is the sums over the floor: no projection
-        ctx.save_for_backward(teacher, weighted, maps, inverse, norms > _EPS)
+        ctx.save_for_backward(teacher, weighted, maps, inverse, norms)
         return torch.cat([kl, mse.to(kl.dtype)])
 
     @staticmethod
@@ -416,40 +457,57 @@ class _Distillation(torch.autograd.Function):
             grad_log_probs = teacher * -grad[:students, None, None]
             if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
                 grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
-        grad_stage_outputs: list[Tensor | None] = [None] * len(ctx.stage_outputs)
-        if plan.bounds and any(ctx.needs_input_grad[3:]):
-            weighted, maps, inverse, projected = saved
-            first = len(plan.rows) - students  # the sub-nets alone without the ensemble terms
-            maps = maps[:, first:]
-            grad_maps = weighted * (2 * grad[students:, None]).to(weighted.dtype)
-            along = grad_maps * maps
-            along = torch.stack([along[..., a:b].sum(dim=-1) for a, b in plan.bounds], -1)
-            along = along * projected[:, first:]
-            inverse = inverse[:, first:]
-            for s, (a, b) in enumerate(plan.bounds):  # now the gradient of the sums
-                part = grad_maps[..., a:b].addcmul_(maps[..., a:b], along[..., s, None], value=-1)
-                part.mul_(inverse[..., s, None])
-            grads = grad_stage_outputs
-            for d, row in enumerate(plan.rows[first:]):
-                for i, (a, b) in zip(row, plan.bounds, strict=True):
-                    part = grad_maps[:, d, a:b]
-                    grads[i] = part if grads[i] is None else grads[i] + part
-            for i, (shape, dtype) in enumerate(ctx.stage_outputs):
-                if grads[i] is not None and ctx.needs_input_grad[3 + i]:
-                    # the channel sum's gradient: a broadcast, in the map's dtype
-                    grads[i] = grads[i].to(dtype).view(shape[0], 1, *shape[2:]).expand(shape)
-                else:
-                    grads[i] = None
-        return None, None, grad_log_probs, *grad_stage_outputs
+        if not plan.sizes or not any(ctx.needs_input_grad[3:]):
+            return None, None, grad_log_probs, *[None] * len(ctx.stage_outputs)
+        weighted, maps, inverse, norms = saved
+        first = len(plan.rows) - students  # the sub-nets alone without the ensemble terms
+        maps, inverse = maps.narrow(1, first, students), inverse.narrow(1, first, students)
+        grad_maps = weighted * (2 * grad[students:, None])
+        stages = (grad_maps * maps).split(plan.sizes, dim=-1)
+        along = torch.stack([g.sum(dim=-1) for g in stages], dim=-1)
+        # where a norm was clamped, the map is the sums over the floor: no projection
+        along = along * (norms.narrow(1, first, students) > _EPS)
+        # now the gradient of the sums: (g - m <g, m>) / |u| per stage
+        for g, m, a, scale in zip(
+            grad_maps.split(plan.sizes, dim=-1),
+            maps.split(plan.sizes, dim=-1),
+            along.unbind(-1),
+            inverse.unbind(-1),
+            strict=True,
+        ):
+            g.addcmul_(m, a.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
+        return None, None, grad_log_probs, *_channel_sum_grads(ctx, grad_maps)
+
+
+def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
+    """The gradient of each stage output from the gradient of the students' joined maps
+    (B, students, pixels): its pixels' gradients (summed where depths share the output)
+    broadcast over the channels, as views where the dtypes agree. ``grad_maps`` is
+    contiguous and its storage's own (a fresh product): a pixel's offset is where it lies."""
+    plan = ctx.plan
+    grads: list[Tensor | None] = []
+    for i, (slots, strides, (shape, dtype)) in enumerate(
+        zip(plan.slots, plan.strides, ctx.stage_outputs, strict=True)
+    ):
+        if not slots or not ctx.needs_input_grad[3 + i]:  # a teacher's alone: a constant
+            grads.append(None)
+            continue
+        if len(slots) == 1 and dtype == grad_maps.dtype:
+            grads.append(grad_maps.as_strided(shape, strides, slots[0]))
+            continue
+        size = (shape[0], 1, *shape[2:])
+        parts = [grad_maps.as_strided(size, strides, slot) for slot in slots]
+        grads.append(functools.reduce(operator.add, parts).to(dtype).expand(shape))
+    return grads
 
 
 @_built_once
 def _pixel_weights(
-    bounds: tuple[tuple[int, int], ...], batch: int, device: torch.device, dtype: torch.dtype
+    sizes: tuple[int, ...], batch: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.bounds``): a
+    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.sizes``): a
     squared difference summed with these weights is the sum over stages of the stage MSEs."""
-    weights = [torch.full((b - a,), 1.0 / (batch * (b - a)), dtype=dtype) for a, b in bounds]
+    weights = [torch.full((size,), 1.0 / (batch * size), dtype=dtype) for size in sizes]
     return torch.cat(weights).to(device)
 
 
