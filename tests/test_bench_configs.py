@@ -8,8 +8,10 @@ loss and gradients from the same weights, which is what these tests pin down.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,3 +127,36 @@ def test_overhead_bench_trains_what_lightning_trains(bf16) -> None:
     result = bench.bench_lightning(5, 1, 4, 8, subnets=[[1, 1, 1]], bf16=bf16)
     assert result["max_weight_diff"] == 0.0
     assert result["pairs"] == 3  # 5 Lightning steps: 4 paired with a raw step, 1 warm-up
+
+
+@pytest.fixture(scope="module")
+def loss_ab():
+    head = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True)
+    if head.returncode != 0:
+        pytest.skip("bench/loss_ab.py reads the loss at a git revision: not a git checkout")
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("loss_ab")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_loss_ab_bench_times_the_loss_against_a_revision(loss_ab) -> None:
+    """bench/loss_ab.py against HEAD (the same loss) on a tiny size: a ratio and the three
+    losses' medians per round; a revision without the loss file, and a loss whose values
+    differ, are refused in one line."""
+    tiny = ["--batch-size", "2", "--image-size", "4", "--rounds", "2", "--calls", "2"]
+    result = loss_ab.main(["--against", "HEAD", *tiny, "--warmup", "0"])
+    assert len(result["distill_new_over_old"]) == len(result["ms"]) == 2
+    assert set(result["ms"][0]) == {"now", "at_revision", "ce_only", "ratio"}
+    with pytest.raises(SystemExit, match=r"^error: no src/ekd_ddnn/losses.py at revision 'no-such"):
+        loss_ab.main(["--against", "no-such-revision", *tiny])
+
+
+def test_loss_ab_bench_refuses_losses_that_differ(loss_ab, monkeypatch) -> None:
+    """Two losses whose totals differ are never timed against each other."""
+    other = loss_ab.losses_at("HEAD")
+    monkeypatch.setattr(other, "EKDLoss", functools.partial(other.EKDLoss, w=2.0))
+    monkeypatch.setattr(loss_ab, "losses_at", lambda revision: other)
+    with pytest.raises(SystemExit, match=r"^error: the EKD loss at HEAD and now differ \("):
+        loss_ab.main(["--against", "HEAD", "--batch-size", "2", "--image-size", "4"])

@@ -1,0 +1,146 @@
+"""The EKD loss of this tree against the EKD loss at a git revision, on one step's outputs.
+
+Both losses, and the CE-only loss (``ekd=ddnn``), run forward and backward on the same
+outputs of one ``forward_depths`` (each on its own leaf copies, whose ``.grad`` is kept from
+call to call, as in ``step_cost.py``'s loss-only figures), interleaved in every round. It
+first checks that the two EKD losses agree (total and every gradient, float32, 1e-5), then
+reports per round the medians and ``distill_new_over_old``: the distillation's own cost
+(EKD minus CE-only) now over at the revision. What a change to ``losses.py`` saves, with
+far less noise than two runs of ``step_cost.py``. The last line printed is one JSON object.
+
+    python bench/loss_ab.py --against 3e4b07b
+    python bench/loss_ab.py --against 3e4b07b --batch-size 2 --image-size 4   # host time only
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from settings import add_threads_argument, bench_threads
+from step_cost import fixed_outputs, leaves, time_interleaved
+from torch import Tensor
+
+from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.models import build_net
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSSES = "src/ekd_ddnn/losses.py"
+
+
+def losses_at(revision: str) -> ModuleType:
+    """``ekd_ddnn/losses.py`` as it was at ``revision`` of this repository, imported as a
+    module of its own (its imports resolve to today's package)."""
+    shown = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{revision}:{LOSSES}"],
+        capture_output=True,
+        text=True,
+    )
+    if shown.returncode != 0:
+        raise SystemExit(f"error: no {LOSSES} at revision {revision!r}: {shown.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "losses_at_revision.py"
+        path.write_text(shown.stdout)
+        spec = importlib.util.spec_from_file_location("losses_at_revision", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while defining
+        spec.loader.exec_module(module)
+    return module
+
+
+def _tensors(own: tuple[list[Tensor], list[list[Tensor]]]) -> list[Tensor]:
+    logits, features = own
+    return [*logits, *(f for fs in features for f in fs)]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", required=True, help="git revision of the other loss")
+    parser.add_argument("--arch", default="cifar_resnet20")
+    parser.add_argument("--subnets", type=json.loads, default=[[2, 2, 2], [1, 1, 1]])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each its own medians")
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per loss per round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls per round first")
+    add_threads_argument(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the comparison, print a line per round and return the result (the JSON line)."""
+    args = parse_args(argv)
+    old_losses = losses_at(args.against)
+    with bench_threads(args.threads):
+        torch.manual_seed(args.seed)
+        net = build_net(
+            args.arch,
+            subnets=args.subnets,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+        )
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+        y = torch.randint(args.num_classes, (args.batch_size,))
+        outputs = fixed_outputs(net, x, bf16=False)
+        losses = {
+            "now": EKDLoss(),
+            "at_revision": old_losses.EKDLoss(),
+            "ce_only": EKDLoss(mode="ddnn"),
+        }
+        own = {name: leaves(outputs) for name in losses}
+        totals = {}
+        for name in ("now", "at_revision"):
+            logits, features = own[name]
+            totals[name] = losses[name].terms(logits, features, y).total
+            totals[name].backward()
+        pairs = [(totals["now"], totals["at_revision"])]
+        pairs += [
+            (a.grad, b.grad)
+            for a, b in zip(_tensors(own["now"]), _tensors(own["at_revision"]), strict=True)
+        ]
+        for now, then in pairs:
+            if not torch.allclose(now, then, rtol=1e-5, atol=1e-5):
+                raise SystemExit(
+                    f"error: the EKD loss at {args.against} and now differ (total or a "
+                    "gradient beyond 1e-5): timing them would compare different losses"
+                )
+
+        def call(name: str) -> None:
+            logits, features = own[name]
+            losses[name].terms(logits, features, y).total.backward()
+
+        fns = {name: (lambda name=name: call(name)) for name in losses}
+        rounds = []
+        for _ in range(args.rounds):
+            times, _ = time_interleaved(
+                fns, repeats=args.calls, warmup=args.warmup, device=torch.device("cpu")
+            )
+            ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            ratio = (ms["now"] - ms["ce_only"]) / (ms["at_revision"] - ms["ce_only"])
+            rounds.append({**{k: round(v, 3) for k, v in ms.items()}, "ratio": round(ratio, 3)})
+            print(
+                f"EKD loss now {ms['now']:.3f} ms, at {args.against} {ms['at_revision']:.3f} ms, "
+                f"CE-only {ms['ce_only']:.3f} ms: distillation now / then = {ratio:.3f}"
+            )
+    result = {
+        "distill_new_over_old": [r["ratio"] for r in rounds],
+        "ms": rounds,
+        "config": vars(args),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
