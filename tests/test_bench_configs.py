@@ -29,13 +29,19 @@ LOSS_TOL = {"rtol": 1e-6, "atol": 1e-6}
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.fixture(scope="module")
-def step_cost():
+def _bench(name: str):
+    """``bench/<name>.py``, imported with ``bench/`` on the path while it loads (the benches
+    import each other by name)."""
     sys.path.insert(0, str(BENCH))
     try:
-        return importlib.import_module("step_cost")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    return _bench("step_cost")
 
 
 def test_shared_ekd_step_equals_unshared(step_cost) -> None:
@@ -103,11 +109,7 @@ def test_saved_activation_memory_by_hand(step_cost):
 
 def test_data_on_device_bench_runs_and_reports_its_ratios() -> None:
     """bench/data_on_device.py on a tiny size: both ratios and its settings in the result."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        bench = importlib.import_module("data_on_device")
-    finally:
-        sys.path.remove(str(BENCH))
+    bench = _bench("data_on_device")
     args = ["--num-images", "100", "--batch-size", "8", "--steps", "1", "--repeats", "2"]
     result = bench.main([*args, "--warmup", "0", "--workers", "0"])
     assert set(result) == {"preloaded_over_on_device", "preloaded_over_dataloader", "config"}
@@ -119,11 +121,7 @@ def test_data_on_device_bench_runs_and_reports_its_ratios() -> None:
 def test_overhead_bench_trains_what_lightning_trains(bf16) -> None:
     """bench/overhead.py part (a): the raw loop it times Lightning against reaches exactly
     Lightning's weights, also under bf16-mixed (the same autocast, without a cast cache)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        bench = importlib.import_module("overhead")
-    finally:
-        sys.path.remove(str(BENCH))
+    bench = _bench("overhead")
     result = bench.bench_lightning(5, 1, 4, 8, subnets=[[1, 1, 1]], bf16=bf16)
     assert result["max_weight_diff"] == 0.0
     assert result["pairs"] == 3  # 5 Lightning steps: 4 paired with a raw step, 1 warm-up
@@ -134,11 +132,7 @@ def loss_ab():
     head = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True)
     if head.returncode != 0:
         pytest.skip("bench/loss_ab.py reads the loss at a git revision: not a git checkout")
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module("loss_ab")
-    finally:
-        sys.path.remove(str(BENCH))
+    return _bench("loss_ab")
 
 
 def test_loss_ab_bench_times_the_loss_against_a_revision(loss_ab) -> None:
