@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
+from decimal import Decimal
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -315,6 +317,13 @@ def test_recalibrate_bn_stats_equals_plain_reestimation(bn_stats):
         ("cifar_resnet20", ["2", 1, 1], "depth ['2', 1, 1] is not a list of block counts"),
         ("cifar_resnet20", [np.float32(2.5), 1, 1], "is not a list of block counts"),
         ("cifar_resnet20", [torch.tensor(float("nan")), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [Fraction(5, 2), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [Decimal("NaN"), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [Decimal("Infinity"), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [torch.tensor([2]), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [np.array([2.0]), 1, 1], "is not a list of block counts"),
+        ("cifar_resnet20", [torch.empty((), device="meta"), 1, 1], "is not a list of block"),
+        ("cifar_resnet20", [complex(2, 0), 1, 1], "is not a list of block counts"),
     ],
 )
 def test_invalid_depths(arch, depth, message):
@@ -326,11 +335,13 @@ def test_invalid_depths(arch, depth, message):
 
 
 def test_depths_of_any_integer_kind():
-    """NumPy integers, 0-d integer tensors and integral floats of any kind (Python, NumPy of
-    any width, 0-d tensors) are block counts."""
+    """NumPy integers, 0-d integer tensors and integral real numbers of any kind (Python,
+    NumPy of any width, 0-d tensors and arrays, Fraction, Decimal) are block counts."""
     net = build_net("cifar_resnet20")
     assert net.check_depth([np.int64(2), torch.tensor(1), 3.0]) == (2, 1, 3)
     assert net.check_depth([np.float32(2.0), torch.tensor(1.0), np.float64(3.0)]) == (2, 1, 3)
+    assert net.check_depth([Fraction(4, 2), Decimal("1"), np.array(3.0)]) == (2, 1, 3)
+    assert net.check_depth([np.array(2), torch.tensor(1.0, dtype=torch.float16), 3]) == (2, 1, 3)
 
 
 def test_duplicate_subnets_and_unknown_arch():

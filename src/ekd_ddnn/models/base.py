@@ -9,6 +9,7 @@ Neural Network", arXiv 2103.00793, Sec. 3.1).
 from __future__ import annotations
 
 import copy
+import decimal
 import itertools
 import numbers
 import operator
@@ -27,19 +28,26 @@ NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage featur
 
 
 def _block_count(n: Any) -> int:
-    """``n`` as a block count: an integer of any kind (``operator.index``: Python, NumPy,
-    integer tensors) or a real number of an integral value (Python, NumPy or 0-d tensor
-    floats); never a bool (True, NumPy's or a bool tensor's), never rounded (2.5, inf, nan,
-    "3": ValueError or TypeError)."""
-    if isinstance(n, bool) or getattr(n, "dtype", None) == torch.bool:
-        raise TypeError("a bool is not a block count")
-    if isinstance(n, Tensor) and n.ndim == 0 and n.is_floating_point():
-        n = n.item()
-    if isinstance(n, numbers.Real) and not isinstance(n, numbers.Integral):
-        if not float(n).is_integer():  # 2.5, inf and nan alike
+    """``n`` as a block count: one integer, or one real number of an integral value, of any
+    kind (Python, NumPy, a 0-d tensor or array, ``Fraction``, ``Decimal``); never a bool, a
+    string, an array with dimensions, or a rounded value (2.5, inf, nan): TypeError or
+    ValueError."""
+    if getattr(n, "ndim", None) == 0 and callable(getattr(n, "item", None)):
+        try:
+            n = n.item()  # NumPy scalars, 0-d arrays and tensors as the Python number
+        except RuntimeError as exc:  # a tensor without data (meta)
+            raise TypeError("a tensor without a value") from exc
+    if isinstance(n, bool) or getattr(n, "ndim", 0) != 0:
+        raise TypeError("a block count is one number, not a bool or an array")
+    if isinstance(n, numbers.Real | decimal.Decimal) and not isinstance(n, numbers.Integral):
+        try:
+            count = int(n)
+        except (OverflowError, ValueError):  # inf, nan
+            raise ValueError("not a finite number") from None
+        if count != n:
             raise ValueError("not an integral value")
-        return int(n)
-    return operator.index(n)
+        return count
+    return operator.index(n)  # an integer of any type; a string or None: TypeError
 
 
 class DepthDynamicNet(nn.Module):
