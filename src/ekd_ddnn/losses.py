@@ -437,11 +437,9 @@ class _Distillation(torch.autograd.Function):
         inverse = norms.clamp_min(_EPS).reciprocal_()
         for m, scale in zip(stages, inverse.unbind(-1), strict=True):
             m.mul_(scale.unsqueeze(-1))  # F.normalize's arithmetic, per stage
-        if plan.ensemble:  # m_0 - mean(m) = -sum_k (m_k - m_0) / depths
-            diff = maps - maps.narrow(1, 0, 1)
+        diff = _students(maps, plan.ensemble, dim=1) - maps.narrow(1, 0, 1)  # m_k - m_0
+        if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / depths
             diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / len(plan.rows))
-        else:
-            diff = maps.narrow(1, 1, plan.students) - maps.narrow(1, 0, 1)
         weighted = diff * pixel_weights
         mse = (weighted * diff).sum(dim=(0, 2))
         ctx.save_for_backward(teacher, weighted, maps, inverse, norms)
@@ -459,14 +457,13 @@ class _Distillation(torch.autograd.Function):
                 grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
         if not plan.sizes or not any(ctx.needs_input_grad[3:]):
             return None, None, grad_log_probs, *[None] * len(ctx.stage_outputs)
-        weighted, maps, inverse, norms = saved
-        first = len(plan.rows) - students  # the sub-nets alone without the ensemble terms
-        maps, inverse = maps.narrow(1, first, students), inverse.narrow(1, first, students)
+        weighted, *per_depth = saved
+        maps, inverse, norms = (_students(t, plan.ensemble, dim=1) for t in per_depth)
         grad_maps = weighted * (2 * grad[students:, None])
         stages = (grad_maps * maps).split(plan.sizes, dim=-1)
         along = torch.stack([g.sum(dim=-1) for g in stages], dim=-1)
         # where a norm was clamped, the map is the sums over the floor: no projection
-        along = along * (norms.narrow(1, first, students) > _EPS)
+        along = along * (norms > _EPS)
         # now the gradient of the sums: (g - m <g, m>) / |u| per stage
         for g, m, a, scale in zip(
             grad_maps.split(plan.sizes, dim=-1),
