@@ -152,8 +152,9 @@ def lattice_step(
 ) -> Step:
     """The EKD step of ``ekd.sampling=lattice``: a new set of depths every call (the
     full-net, the smallest and ``loss_fn.num_sampled`` drawn, as in training). ``calls``
-    gets, per call, its stage-sharing pattern (a compiled loss makes one graph per pattern)
-    and whether the call made graphs (Dynamo's count), so timings can leave those out."""
+    gets, per call, its stage-sharing pattern (one entry per depth; a compiled loss makes one
+    graph per pattern) and whether the call made graphs (Dynamo's count), so timings can
+    leave those out."""
     lattice, step_index = net.lattice(), itertools.count()
     graphs = torch._dynamo.utils.counters["stats"]
 
@@ -520,6 +521,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_config(args: argparse.Namespace, net: DepthDynamicNet) -> dict:
+    """What a run measured, for its JSON line: the model, input, device and options."""
+    s, device = args.settings, torch.device(args.device)
+    config = {
+        "arch": s["arch"],
+        "depths": [list(d) for d in net.depths],
+        "names": net.names,
+        "batch_size": args.batch_size,
+        "image_size": s["image_size"],
+        "num_classes": s["num_classes"],
+        "in_channels": s["in_channels"],
+        "bn_stats": s["bn_stats"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "bf16": args.bf16,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "compile_loss": args.compile_loss,
+    }
+    if args.experiment:
+        config["experiment"] = args.experiment
+    return config
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the bench, print its report and return the ratios (the last line's JSON)."""
@@ -589,27 +617,7 @@ def _run(args: argparse.Namespace) -> dict:
         )
         loss_median |= {f"{k}_compiled": statistics.median(t) for k, t in compiled_times.items()}
 
-    config = {
-        "arch": s["arch"],
-        "depths": [list(d) for d in net.depths],
-        "names": net.names,
-        "batch_size": args.batch_size,
-        "image_size": s["image_size"],
-        "num_classes": s["num_classes"],
-        "in_channels": s["in_channels"],
-        "bn_stats": s["bn_stats"],
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "bf16": args.bf16,
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-        "compile_loss": args.compile_loss,
-    }
-    if args.experiment:
-        config["experiment"] = args.experiment
+    config = run_config(args, net)
     pairs = {
         "ekd_over_individual": ("ekd", "individual"),
         "shared_over_unshared": ("ekd", "unshared"),
@@ -762,7 +770,7 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
         print(
             f"lattice / fixed compiled step      {result['lattice_over_fixed_compiled']:.3f} "
             f"({len(lattice)} timed lattice calls that made no graph; "
-            f"{2 + min(EKDLoss().num_sampled, len(net.lattice()) - 2)} depths against "
+            f"{len(timed_calls[-1][0])} depths against "
             f"{len(net.depths)})"
         )
     print(
@@ -771,17 +779,7 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
         f"graph for each): {result['new_sharing_patterns']}"
     )
     sys.stdout.flush()
-    result["config"] = {
-        "arch": net.config["arch"],
-        "depths": [list(d) for d in net.depths],
-        "batch_size": args.batch_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "bf16": args.bf16,
-        "channels_last": args.channels_last,
-    }
+    result["config"] = run_config(args, net)
     print(json.dumps(result))
     return result
 
