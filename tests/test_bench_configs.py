@@ -135,11 +135,13 @@ def loss_ab():
     return _bench("loss_ab")
 
 
-def test_loss_ab_bench_times_the_loss_against_a_revision(loss_ab) -> None:
-    """bench/loss_ab.py against HEAD (the same loss) on a tiny size: a ratio and the three
-    losses' medians per round; a revision without the loss file, and a loss whose values
-    differ, are refused in one line."""
+@pytest.mark.parametrize("subnets", ["[[2,2,2],[1,1,1]]", "[[3,2,2]]"])
+def test_loss_ab_bench_times_the_loss_against_a_revision(loss_ab, subnets) -> None:
+    """bench/loss_ab.py against HEAD (the same loss) on a tiny size, also with a stage every
+    depth shares (its output gets no gradient): a ratio and the three losses' medians per
+    round; a revision without the loss file is refused in one line."""
     tiny = ["--batch-size", "2", "--image-size", "4", "--rounds", "2", "--calls", "2"]
+    tiny += ["--subnets", subnets]
     result = loss_ab.main(["--against", "HEAD", *tiny, "--warmup", "0"])
     assert len(result["distill_new_over_old"]) == len(result["ms"]) == 2
     assert set(result["ms"][0]) == {"now", "at_revision", "ce_only", "ratio"}
