@@ -23,6 +23,7 @@ operations per step in all rather than a hundred, for every depth and stage at o
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -262,8 +263,9 @@ class EKDLoss:
             else None
         )
         stage_outputs = [features[d][s] for d, s in plan.inputs]
-        raw = _Distillation.apply(plan, pixel_weights, log_likelihood, log_probs, *stage_outputs)
+        distilled = _Distillation.apply(plan, pixel_weights, log_probs, *stage_outputs)
         students = plan.students
+        raw = torch.cat([log_likelihood, distilled])
         kl_scales = (self.temperature**2 / batch,) * students
         mse_scales = tuple(1.0 / count for count in plan.counts)
         weights = (
@@ -319,18 +321,15 @@ def _built_once(build: Callable[..., _T]) -> Callable[..., _T]:
 class _Plan:
     """Where the attention terms of one sharing pattern read their maps, and how they sum.
 
-    The maps of one step are one zero-padded (B, depths, stages, pixels) tensor, ``pixels``
-    the largest computed stage's: every per-stage operation is then one operation over all
-    stages. ``ensemble``: whether the full-net is a student too (of the depths' mean);
-    ``inputs``: the (depth, stage) of each distinct stage output of a computed stage (one
-    where some sub-net's output is not the full-net's); ``rows``: per depth, full-net first,
-    the index in ``inputs`` of its output of each computed stage; ``sizes``: each computed
-    stage's pixels; ``counts``: per student, the stages its MSE averages over
-    (``attention_stages``); ``sums``: per input, the offset of its first (depth, stage) row
-    in the maps, where its channel sum is written; ``copies``: the (depth, stage, depth it
-    shares the output with) of the other rows; ``strides``: per input, the strides of its
-    pixels; ``slots``: per input, the offsets of its rows in the students' (B, students,
-    stages, pixels) gradient (more than one where depths share the output).
+    ``ensemble``: whether the full-net is a student too (of the depths' mean); ``inputs``:
+    the (depth, stage) of each distinct stage output of a computed stage (one where some
+    sub-net's output is not the full-net's); ``rows``: per depth, full-net first, the index
+    in ``inputs`` of its output of each computed stage; ``sizes``: each computed stage's
+    pixels, the stages' order in a depth's row of joined maps; ``counts``: per student, the
+    stages its MSE averages over (``attention_stages``); ``slots``: per input, where its
+    gradient lies in the students' joined maps (B, students, pixels), as the offset of
+    (student, stage start): one place, or more where depths share the output; ``strides``:
+    per input, the strides that broadcast the pixels at a slot over the channels.
     """
 
     ensemble: bool
@@ -338,20 +337,13 @@ class _Plan:
     rows: tuple[tuple[int, ...], ...]
     sizes: tuple[int, ...]
     counts: tuple[int, ...]
-    sums: tuple[int, ...]
-    copies: tuple[tuple[int, int, int], ...]
-    strides: tuple[tuple[int, ...], ...]
     slots: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
 
     @property
     def students(self) -> int:
         """The number of KL (and of MSE) terms."""
         return len(self.counts)
-
-    @property
-    def pixels(self) -> int:
-        """The length of a stage's row in the maps: the largest computed stage's pixels."""
-        return max(self.sizes)
 
 
 @_built_once
@@ -378,35 +370,22 @@ def _plan(
         counts = [max(1, len(computed))]
         counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
     counts = counts if ensemble else counts[1:]
-    row = max(sizes, default=0)  # a (depth, stage) row's length, padded with zeros
-    depth_rows = len(computed) * row
-    sums = [d * depth_rows + computed.index(s) * row for d, s in inputs]
-    copies = [
-        (d, j, depth[s])
-        for d, depth in enumerate(pattern)
-        for j, s in enumerate(computed)
-        if depth[s] != d
-    ]
-    first_student = len(pattern) - len(counts)
-    slots = [
-        tuple(
-            (d - first_student) * depth_rows + computed.index(s) * row
-            for d in range(first_student, len(pattern))
-            if pattern[d][s] == i_depth
-        )
-        for i_depth, s in inputs
-    ]
-    strides = [_contiguous_strides(spatial[s]) for _, s in inputs]
+    # the students' joined maps of one sample: student after student, each stage's pixels
+    # contiguous and row-major
+    *starts, width = itertools.accumulate(sizes, initial=0)
+    slots: list[list[int]] = [[] for _ in inputs]
+    for k, row in enumerate(rows[len(rows) - len(counts) :]):
+        for i, start in zip(row, starts, strict=True):
+            slots[i].append(k * width + start)
+    strides = [(len(counts) * width, 0, *_contiguous_strides(spatial[s])) for _, s in inputs]
     return _Plan(
         ensemble,
         tuple(inputs),
         rows,
         sizes,
         tuple(counts),
-        tuple(sums),
-        tuple(copies),
+        tuple(map(tuple, slots)),
         tuple(strides),
-        tuple(slots),
     )
 
 
@@ -416,21 +395,18 @@ def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
 
 
 class _Distillation(torch.autograd.Function):
-    """The loss's per-term sums: per depth ``-B * CE`` (passed in), then per student
-    ``B * KL / T^2`` and the attention MSEs summed over the stages, from the
-    log-probabilities (D, B, classes) and the stage outputs a :class:`_Plan` names; the
-    backward is written out.
+    """The distillation terms' sums, per student: ``B * KL / T^2``, then the attention MSEs
+    summed over the stages, from the log-probabilities (D, B, classes) and the stage outputs
+    a :class:`_Plan` names; the backward is written out.
 
     Why not autograd: it replays a backward node for each of the terms' small operations, a
     kernel launch or more each on a GPU and several microseconds each on a CPU, where the
     step is bound by such overheads rather than by arithmetic (issue 15). Here the forward
-    writes every channel sum into one zero-padded (B, depths, stages, pixels) tensor and
-    works on all stages at once, and the backward is the closed form: the loss makes about
-    half the kernels it made through autograd (``bench/step_cost.py`` counts them, and
-    ``docs/performance.md`` lists them per commit). It equals autograd of the
-    plain formulas, values and gradients (``tests/test_losses.py``). The teachers are
-    constants, so only the student side of each term moves. Once differentiable: no
-    gradient of a gradient.
+    works on every stage's maps at once, joined along the pixels of one (B, depths, pixels)
+    tensor, and the backward is the closed form: half the backward operations of autograd
+    (``bench/step_cost.py`` counts them). It equals autograd of the plain formulas, values
+    and gradients (``tests/test_losses.py``). The teachers are constants, so only the
+    student side of each term moves. Once differentiable: no gradient of a gradient.
     """
 
     @staticmethod
@@ -438,7 +414,6 @@ class _Distillation(torch.autograd.Function):
         ctx: Any,
         plan: _Plan,
         pixel_weights: Tensor | None,
-        log_likelihood: Tensor,
         log_probs: Tensor,
         *stage_outputs: Tensor,
     ) -> Tensor:
@@ -449,86 +424,71 @@ class _Distillation(torch.autograd.Function):
         ctx.stage_outputs = [(f.shape, f.dtype) for f in stage_outputs]
         if not plan.sizes:
             ctx.save_for_backward(teacher)
-            return torch.cat([log_likelihood, kl, kl.new_zeros(plan.students)])
+            return torch.cat([kl, kl.new_zeros(plan.students)])
         # in the loss's dtype or the maps', the wider (float32 at least: a bf16 map's channel
         # sums are never rounded to bf16)
         dtype = torch.promote_types(kl.dtype, stage_outputs[0].dtype)
-        maps = _channel_sums(plan, stage_outputs, dtype)
-        depths = maps.shape[1]
-        norms = vector_norm(maps, dim=-1, keepdim=True)
+        batch = log_probs.shape[1]
+        sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
+        maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
+        maps = maps.view(batch, len(plan.rows), -1)  # (B, depths, every stage's pixels)
+        stages = maps.split(plan.sizes, dim=-1)
+        norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
         inverse = norms.clamp_min(_EPS).reciprocal_()
-        maps.mul_(inverse)  # F.normalize's arithmetic, every stage at once
+        for m, scale in zip(stages, inverse.unbind(-1), strict=True):
+            m.mul_(scale.unsqueeze(-1))  # F.normalize's arithmetic, per stage
         diff = _students(maps, plan.ensemble, dim=1) - maps.narrow(1, 0, 1)  # m_k - m_0
         if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / depths
-            diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / depths)
+            diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / len(plan.rows))
         weighted = diff * pixel_weights
-        mse = (weighted * diff).sum(dim=(0, 2, 3))
+        mse = (weighted * diff).sum(dim=(0, 2))
         ctx.save_for_backward(teacher, weighted, maps, inverse, norms)
-        return torch.cat([log_likelihood, kl, mse.to(kl.dtype)])
+        return torch.cat([kl, mse.to(kl.dtype)])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         plan, students = ctx.plan, ctx.plan.students
-        depths = len(grad) - 2 * students
-        grad_distilled = grad[depths:]
         teacher, *saved = ctx.saved_tensors
         grad_log_probs = None
-        if ctx.needs_input_grad[3]:
-            grad_log_probs = teacher * -grad_distilled[:students, None, None]
+        if ctx.needs_input_grad[2]:
+            grad_log_probs = teacher * -grad[:students, None, None]
             if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
                 grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
-        grads = [None, None, grad[:depths], grad_log_probs]
-        if not plan.sizes or not any(ctx.needs_input_grad[4:]):
-            return *grads, *[None] * len(ctx.stage_outputs)
+        if not plan.sizes or not any(ctx.needs_input_grad[3:]):
+            return None, None, grad_log_probs, *[None] * len(ctx.stage_outputs)
         weighted, *per_depth = saved
         maps, inverse, norms = (_students(t, plan.ensemble, dim=1) for t in per_depth)
-        grad_maps = weighted * (2 * grad_distilled[students:, None, None])
-        along = (grad_maps * maps).sum(dim=-1, keepdim=True)
+        grad_maps = weighted * (2 * grad[students:, None])
+        stages = (grad_maps * maps).split(plan.sizes, dim=-1)
+        along = torch.stack([g.sum(dim=-1) for g in stages], dim=-1)
         # where a norm was clamped, the map is the sums over the floor: no projection
         along = along * (norms > _EPS)
         # now the gradient of the sums: (g - m <g, m>) / |u| per stage
-        grad_maps.addcmul_(maps, along, value=-1).mul_(inverse)
-        return *grads, *_channel_sum_grads(ctx, grad_maps)
-
-
-def _channel_sums(plan: _Plan, stage_outputs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """The channel sums of the stage outputs in ``dtype``, as the plan's zero-padded (B,
-    depths, stages, pixels) maps: each written where it belongs (``out=``), then copied where
-    depths share it. Dynamo traces no ``out=`` into a view, so a compiled loss stacks the
-    padded sums instead (inductor makes one kernel of either)."""
-    batch = stage_outputs[0].shape[0]
-    shape = (batch, len(plan.rows), len(plan.sizes), plan.pixels)
-    if torch.compiler.is_compiling():
-        sums = [f.sum(dim=1, dtype=dtype).flatten(1) for f in stage_outputs]
-        sums = [F.pad(m, (0, plan.pixels - m.shape[1])) for m in sums]
-        return torch.stack([sums[i] for row in plan.rows for i in row], dim=1).view(shape)
-    maps = stage_outputs[0].new_zeros(shape, dtype=dtype)
-    batch_stride = maps.stride(0)
-    for f, offset, strides in zip(stage_outputs, plan.sums, plan.strides, strict=True):
-        rows = maps.as_strided((batch, *f.shape[2:]), (batch_stride, *strides), offset)
-        torch.sum(f, dim=1, dtype=dtype, out=rows)
-    for d, j, shared in plan.copies:
-        maps[:, d, j].copy_(maps[:, shared, j])
-    return maps
+        for g, m, a, scale in zip(
+            grad_maps.split(plan.sizes, dim=-1),
+            maps.split(plan.sizes, dim=-1),
+            along.unbind(-1),
+            inverse.unbind(-1),
+            strict=True,
+        ):
+            g.addcmul_(m, a.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
+        return None, None, grad_log_probs, *_channel_sum_grads(ctx, grad_maps)
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
-    """The gradient of each stage output from the gradient of the students' maps (B,
-    students, stages, pixels): its pixels' gradients (summed where depths share the output)
+    """The gradient of each stage output from the gradient of the students' joined maps
+    (B, students, pixels): its pixels' gradients (summed where depths share the output)
     broadcast over the channels, as views where the dtypes agree. ``grad_maps`` is
     contiguous and its storage's own (a fresh product): a pixel's offset is where it lies."""
     plan = ctx.plan
-    batch_stride = grad_maps.stride(0)
     grads: list[Tensor | None] = []
     for i, (slots, strides, (shape, dtype)) in enumerate(
         zip(plan.slots, plan.strides, ctx.stage_outputs, strict=True)
     ):
-        if not slots or not ctx.needs_input_grad[4 + i]:  # a teacher's alone: a constant
+        if not slots or not ctx.needs_input_grad[3 + i]:  # a teacher's alone: a constant
             grads.append(None)
             continue
-        # the channels broadcast by a zero stride
-        strides = (batch_stride, 0, *strides)
         if len(slots) == 1 and dtype == grad_maps.dtype:
             grads.append(grad_maps.as_strided(shape, strides, slots[0]))
             continue
@@ -542,13 +502,10 @@ def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
 def _pixel_weights(
     sizes: tuple[int, ...], batch: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
-    """``1 / (B * H_s W_s)`` on each pixel of a stage's row of the padded maps (``_Plan``),
-    0 on the padding: a squared difference summed with these weights is the sum over stages
-    of the stage MSEs."""
-    weights = torch.zeros(len(sizes), max(sizes), dtype=dtype)
-    for row, size in zip(weights, sizes, strict=True):
-        row[:size] = 1.0 / (batch * size)
-    return weights.to(device)
+    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.sizes``): a
+    squared difference summed with these weights is the sum over stages of the stage MSEs."""
+    weights = [torch.full((size,), 1.0 / (batch * size), dtype=dtype) for size in sizes]
+    return torch.cat(weights).to(device)
 
 
 @_built_once
