@@ -154,11 +154,13 @@ class DepthDynamicNet(nn.Module):
         """
         regions = self._units()
         # every region shares nn.Module's call code, whose compiled entries Dynamo caps at
-        # recompile_limit (8 by default): allow each region its train/eval x batch-size graphs
+        # recompile_limit (8 by default): allow each region its train/eval x batch-size
+        # graphs, in these regions' calls only (the process's setting stays as it is)
         limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
-        torch._dynamo.config.recompile_limit = limit
+        patch = torch._dynamo.config.patch(recompile_limit=limit)
         for region in regions:
             region.compile(**({"mode": mode} if "backend" not in options else {}), **options)
+            region._compiled_call_impl = patch(region._compiled_call_impl)
 
     # ----------------------------------------------------------------- depths and names
     @property
