@@ -220,51 +220,68 @@ def test_last_checkpoint_is_the_last_epoch(compose_train, tmp_path):
     assert (last["epoch"], last["global_step"]) == (2, 3 * 2)  # 64 images / batch 32
 
 
-def test_training_steps_read_nothing_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("bar", ["rich", "none"])
+def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
     """Between two logging steps a training step never turns a tensor into a Python value
     (``.item()``, ``bool()``, ``float()``, ...): on a GPU each would wait for the device.
-    Counted under a real Trainer (with its progress bar), from the second step's start to the
-    last step's start."""
+    Counted per step under a real Trainer logging every 3 steps, with the progress bar the
+    configs use and without one: the logging steps read (the divergence check, the bar's
+    loss), the others nothing, also after the first logging step (a progress-bar value that
+    Lightning keeps is read at every step's end)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from ekd_ddnn.callbacks import LossProgressBar
     from ekd_ddnn.data.synthetic import make_synthetic
     from ekd_ddnn.losses import EKDLoss
     from ekd_ddnn.module import EKDModule
 
-    reads: list[str] = []
-    watching = False
+    reads: dict[int, list[str]] = {}
+    step = None
     for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _name=name, _original=original, **kwargs):
-            if watching:
-                reads.append(_name)
+            if step is not None:
+                reads.setdefault(step, []).append(_name)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
 
-    class Watch(L.Callback):  # every hook of steps 2-7, the progress bar's among them
+    losses = []
+
+    class Watch(L.Callback):  # every hook of steps 2-11, the progress bar's among them
         def on_train_batch_start(self, trainer, *args) -> None:
-            nonlocal watching
-            watching = 1 <= trainer.global_step < 7
+            nonlocal step
+            step = trainer.global_step if 1 <= trainer.global_step < 11 else None
+
+        def on_train_batch_end(self, trainer, module, outputs, *args) -> None:
+            losses.append(outputs["loss"].detach())
 
     torch.manual_seed(0)
     net = build_net("cifar_resnet20", subnets=[[2, 2, 2]], num_classes=10, image_size=8)
-    loader = DataLoader(make_synthetic(64, 10, 3, 8, seed=0), batch_size=8, drop_last=True)
+    loader = DataLoader(make_synthetic(96, 10, 3, 8, seed=0), batch_size=8, drop_last=True)
     optimizer = functools.partial(torch.optim.SGD, lr=0.01)
     trainer = L.Trainer(
         accelerator="cpu",
-        max_steps=8,
-        log_every_n_steps=100,
+        max_steps=12,
+        log_every_n_steps=3,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=bar != "none",
         limit_val_batches=0,
-        callbacks=[Watch()],
+        callbacks=[Watch(), *([LossProgressBar()] if bar == "rich" else [])],
     )
     # lattice sampling: the fixed step's path plus the draw of each step's depths
     module = EKDModule(net, EKDLoss(sampling="lattice"), optimizer=optimizer)
     trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step == 8
-    assert reads == []
+    assert trainer.global_step == 12
+    logging_steps = {s for s in range(1, 11) if (s + 1) % 3 == 0}
+    assert set(reads) <= logging_steps, reads
+    # the bar shows the last logging step's loss (step 12), a number kept on the host
+    assert module.last_logged_loss == losses[11].item()
+    if bar == "rich":
+        assert trainer.progress_bar_callback.get_metrics(trainer, module)["loss"] == (
+            module.last_logged_loss
+        )

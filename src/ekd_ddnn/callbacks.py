@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 
 from ekd_ddnn.errors import find_user_error
 
@@ -36,3 +36,22 @@ class InterruptCheckpoint(Callback):
         if trainer.global_step == 0 or find_user_error(exception) is not None:
             return
         trainer.save_checkpoint(self.ckpt_path)
+
+
+class LossProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with the training loss of the last logging step.
+
+    The loss is a number the module keeps on the host (``EKDModule.last_logged_loss``, set on
+    the logging steps, which read the device anyway), not a progress-bar value logged with
+    ``self.log(prog_bar=True)``: Lightning reads such a tensor back with ``.item()`` at the
+    end of every step until the epoch ends, and on a GPU each read waits for the device.
+    """
+
+    def get_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        items = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_logged_loss", None)
+        if loss is not None:
+            items["loss"] = loss
+        return items

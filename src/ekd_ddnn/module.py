@@ -106,6 +106,8 @@ class EKDModule(L.LightningModule):
         # first global step whose loss was NaN or inf (-1: none), kept on the device so that
         # watching for divergence costs no host sync per step
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        # the training loss of the last logging step, for the progress bar
+        self.last_logged_loss: float | None = None
 
     def metric_keys(self) -> set[str]:
         """Every key this module logs (what a checkpoint or early-stopping monitor may name)."""
@@ -157,15 +159,17 @@ class EKDModule(L.LightningModule):
         self.first_nonfinite_step.copy_(
             torch.where(unseen, self.global_step, self.first_nonfinite_step)
         )
-        # Each self.log call costs ~1 ms of Python, and a progress-bar value is read to the
-        # host (a device sync): log the terms, and the bar's loss, only on the steps the
+        # Each self.log call costs ~1 ms of Python: log the terms only on the steps the
         # loggers write (every trainer.log_every_n_steps), as Lightning would keep them.
-        # Divergence is checked on the same steps (one sync) and before every checkpoint.
+        # Divergence is checked on the same steps (one device sync) and before every
+        # checkpoint. The progress bar's loss is a number read on those steps too
+        # (callbacks.LossProgressBar): a tensor logged with prog_bar=True would be read back
+        # at every step's end.
         trainer = self.trainer
         if not trainer.fast_dev_run and (self.global_step + 1) % trainer.log_every_n_steps:
             return terms.total
         self.check_finite()
-        self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=len(y))
+        self.last_logged_loss = terms.total.item()
         logs: dict[str, Tensor] = {"train/loss": terms.total}
         sampled: dict[str, list[Tensor]] = {}
         for name, *values in zip(names, terms.ce, terms.kl, terms.mse, strict=True):
