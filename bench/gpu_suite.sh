@@ -72,7 +72,9 @@ run() {  # run PART LIMIT COMMAND...: COMMAND's output to OUT/PART.log, a status
     return
   fi
   echo "\$ $*" >"$out/$part.log"
-  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout -k 15 "$limit" "$@" >>"$out/$part.log" 2>&1
+  # unbuffered: a part cut short by its limit still leaves what it printed
+  PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout -k 15 "$limit" "$@" \
+    >>"$out/$part.log" 2>&1
   local rc=$?
   echo "$part: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
 }

@@ -408,8 +408,8 @@ def time_interleaved(
     """Seconds per call of every function, interleaved: each repeat runs every function once,
     starting one further down the list each time, every other repeat in reverse order (so no
     function always runs first or always follows the same one). Returns the post-warm-up
-    times and, on CUDA, each function's peak memory above what was allocated before its call
-    (MiB)."""
+    times and, on CUDA, each function's peak memory over its post-warm-up calls, above what
+    was allocated before the call (MiB)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {}
@@ -425,11 +425,12 @@ def time_interleaved(
             fns[name]()
             synchronize(device)
             elapsed = time.perf_counter() - start
+            if r < warmup:  # first calls: cuDNN's autotuning workspaces, allocator growth
+                continue
+            times[name].append(elapsed)
             if device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
                 peaks[name] = max(peaks.get(name, 0.0), peak)
-            if r >= warmup:
-                times[name].append(elapsed)
     return times, peaks
 
 

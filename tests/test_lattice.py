@@ -3,6 +3,7 @@ evaluation of any set of depths, the accuracy-cost front and the depth for a bud
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -107,6 +108,38 @@ def test_model_compile_compiles_the_loss_too(monkeypatch):
         {"mode": "max-autotune-no-cudagraphs"},
         {"mode": "default"},
     ]
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default"])
+def test_evaluation_runs_eager_under_cuda_graphs(mode):
+    """Under model.compile_mode=reduce-overhead evaluation runs eager: with no backward
+    pending, each compiled block would start a new CUDA-graph generation and overwrite the
+    previous block's output, its input (pytorch/pytorch#152887). A validation pass under a
+    real Trainer then compiles nothing (counting backend) and gives the eager net's
+    metrics; in the other modes it runs the compiled blocks."""
+    import lightning as L
+    from torch._dynamo.testing import CompileCounter
+    from torch.utils.data import DataLoader
+
+    from ekd_ddnn.data.synthetic import make_synthetic
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8)
+    compiled = copy.deepcopy(eager)
+    counter = CompileCounter()
+    compiled.compile_blocks(backend=counter)
+    compiled.config.update(compile=True, compile_mode=mode)  # as build_net records it
+    loader = DataLoader(make_synthetic(16, 10, 3, 8, seed=0), batch_size=8)
+    results = []
+    for net in (eager, compiled):
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
+        results.append(trainer.validate(EKDModule(net, EKDLoss()), loader, verbose=False)[0])
+    assert results[1] == pytest.approx(results[0])
+    assert (counter.frame_count == 0) == (mode == "reduce-overhead"), counter.frame_count
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("bn_stats", ["shared", "private"])

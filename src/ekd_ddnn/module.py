@@ -7,6 +7,7 @@ torchmetrics collection (top-1, top-5) per depth.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -88,11 +89,16 @@ class EKDModule(L.LightningModule):
                     "and ekd.sampling=lattice draws a new set every step; use "
                     "model.compile_mode=default or max-autotune-no-cudagraphs"
                 )
+        # Under reduce-overhead, evaluation runs eager: without a backward pending, each
+        # compiled block starts a new CUDA-graph generation, which overwrites the previous
+        # block's output, its own input (pytorch/pytorch#152887, open).
+        self.eval_eager = False
         if net.config.get("compile"):
             # the loss runs between the blocks' graphs, on tensors they made: CUDA graphs
             # (reduce-overhead) are recorded for the blocks alone
             mode = net.config.get("compile_mode", "default")
             loss.compile(mode="default" if mode == "reduce-overhead" else mode)
+            self.eval_eager = mode == "reduce-overhead"
         self.save_hyperparameters(
             {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
         )
@@ -186,7 +192,10 @@ class EKDModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
         x, y = batch
-        for name, logits in zip(self.names, self(x), strict=True):
+        eager = torch.compiler.set_stance("force_eager") if self.eval_eager else None
+        with eager or contextlib.nullcontext():
+            outputs = self(x)
+        for name, logits in zip(self.names, outputs, strict=True):
             self.metrics[split][name].update(logits, y)
 
     def _log_epoch(self, split: str) -> None:
@@ -232,7 +241,9 @@ class EKDModule(L.LightningModule):
         if state and self.trainer.state.fn == "fit":
             torch.set_rng_state(state["torch"])
             if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda"])
+                # saved for every GPU the saving process saw: resumed where fewer are visible,
+                # the ones present take theirs
+                torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
     def configure_optimizers(self) -> dict:
         if self.optimizer_factory is None:
