@@ -220,6 +220,29 @@ def test_last_checkpoint_is_the_last_epoch(compose_train, tmp_path):
     assert (last["epoch"], last["global_step"]) == (2, 3 * 2)  # 64 images / batch 32
 
 
+@pytest.mark.parametrize("num_classes", [100, 3])
+def test_accuracy_metrics_equal_a_hand_count(num_classes):
+    """Top-1 and top-5 accuracy over three updates equal the share of samples whose target
+    is among the k largest logits (k capped at the class count), and no metric checks its
+    arguments (torchmetrics' check runs ``unique`` on the targets: a GPU sync per update)."""
+    from ekd_ddnn.module import accuracy_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    metrics = accuracy_metrics(num_classes)
+    assert not any(m.validate_args for m in metrics.values())
+    hits = {1: 0, 5: 0}
+    for batch in (64, 64, 17):
+        logits = torch.randn(batch, num_classes, generator=gen)
+        target = torch.randint(num_classes, (batch,), generator=gen)
+        metrics.update(logits, target)
+        for k in hits:
+            top = logits.topk(min(k, num_classes), dim=1).indices
+            hits[k] += int((top == target[:, None]).any(dim=1).sum())
+    values = metrics.compute()
+    for k, count in hits.items():
+        assert values[f"top{k}"].item() == pytest.approx(count / 145)
+
+
 @pytest.mark.parametrize("bar", ["rich", "none"])
 def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
     """Between two logging steps a training step never turns a tensor into a Python value

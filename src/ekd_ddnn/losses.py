@@ -504,8 +504,9 @@ def _pixel_weights(
 ) -> Tensor:
     """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.sizes``): a
     squared difference summed with these weights is the sum over stages of the stage MSEs."""
-    weights = [torch.full((size,), 1.0 / (batch * size), dtype=dtype) for size in sizes]
-    return torch.cat(weights).to(device)
+    # made on the device: a compiled loss traces this, and a host tensor would be a copy
+    weights = [torch.full((n,), 1.0 / (batch * n), dtype=dtype, device=device) for n in sizes]
+    return torch.cat(weights)
 
 
 @_built_once
