@@ -13,6 +13,7 @@
 #   r56_compile  the same as r56, eager against regional compile (compile seconds)      240
 #   r50_compile  the same as r50, eager against regional compile                        300
 #   lightning    overhead.py part (a): Lightning against a raw loop, ResNet-50 b128     200
+#   syncs        syncs.py: host syncs per Lightning step; reduce-overhead evaluation      240
 #   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
 #   train_r50    experiment=imagenet_r50 on synthetic data, 1 epoch (its wall time)    240
 #   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
@@ -27,7 +28,8 @@ set -u
 out=$(realpath -m -- "${1:?usage: bench/gpu_suite.sh OUT [PART ...]}")
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning data train_r50 train_cifar)
+[ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning syncs data train_r50
+  train_cifar)
 mkdir -p "$out"
 python=${PYTHON:-python3}
 data=$(realpath -m -- "${DATA:-$(dirname "$0")/../../shared/data/cifar10-subset}")
@@ -41,6 +43,7 @@ r50=(--experiment imagenet_r50)
 r50_lightning=(--lightning-arch resnet50 --lightning-subnets '[[3,4,4,3],[3,3,3,3]]'
   --lightning-image-size 224 --lightning-batch 128 --steps 40 --warmup 5)
 data_bench=(--steps 50 --repeats 7 --warmup 2)
+syncs=(--steps 25 --log-every 10)
 r50_train=(data.image_size=224 data.num_classes=1000 data.num_train=6400 data.batch_size=128)
 cifar_train=(trainer.max_epochs=3 data.batch_size=128)
 scale=1
@@ -52,6 +55,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # the flags checked on the CPU, at a size that r
   r50_lightning=(--lightning-arch cifar_resnet20 --lightning-subnets '[[1,1,1]]'
     --lightning-image-size 8 --lightning-batch 4 --steps 6 --warmup 1)
   data_bench=(--num-images 256 --batch-size 32 --steps 2 --repeats 1 --warmup 0 --workers 0)
+  syncs=(--steps 4 --log-every 3 --batch-size 4 --image-size 8 --subnets '[[1,1,1]]')
   r50_train=(data.image_size=32 data.num_classes=10 data.num_train=32 data.batch_size=16
     'model.subnets=[[1,1,1,1]]' data.num_val=16 data.num_test=16)
   cifar_train=(trainer.max_epochs=1 data.batch_size=64 'model.subnets=[[1,1,1]]'
@@ -94,6 +98,7 @@ for part in "${parts[@]}"; do
     r50_compile) run r50_compile 300 "${step_cost[@]}" "${r50[@]}" --compile ;;
     lightning) run lightning 200 "$python" bench/overhead.py --device "$device" --parts lightning --bf16 \
       --channels-last "${r50_lightning[@]}" ;;
+    syncs) run syncs 240 "$python" bench/syncs.py --device "$device" --reduce-overhead "${syncs[@]}" ;;
     data) run data 200 "$python" bench/data_on_device.py --device "$device" "${data_bench[@]}" ;;
     train_r50) run train_r50 240 "${train[@]}" experiment=imagenet_r50 data=synthetic \
       model.channels_last=true data.on_device=true trainer.max_epochs=1 "${r50_train[@]}" ;;

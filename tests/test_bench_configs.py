@@ -127,6 +127,17 @@ def test_overhead_bench_trains_what_lightning_trains(bf16) -> None:
     assert result["pairs"] == 3  # 5 Lightning steps: 4 paired with a raw step, 1 warm-up
 
 
+def test_syncs_bench_counts_reads_on_logging_steps_only() -> None:
+    """bench/syncs.py on the CPU (tensor reads instead of CUDA syncs), a real Trainer logging
+    every 3 steps: the divergence check and the bar's loss read on each logging step, no
+    other step reads."""
+    bench = _bench("syncs")
+    args = ["--device", "cpu", "--steps", "8", "--log-every", "3", "--batch-size", "4"]
+    result = bench.main([*args, "--image-size", "8", "--subnets", "[[1,1,1]]"])["syncs"]
+    assert result["per_step"] == {"1": 0, "2": 2, "3": 0, "4": 0, "5": 2, "6": 0, "7": 0}
+    assert (result["logging_steps"], result["other_steps"]) == (4, 0)
+
+
 @pytest.fixture(scope="module")
 def loss_ab():
     head = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True)

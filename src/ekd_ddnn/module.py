@@ -194,12 +194,16 @@ class EKDModule(L.LightningModule):
         self.log_dict(logs, batch_size=len(y))
         return terms.total
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
-        x, y = batch
+    def eval_logits(self, x: Tensor) -> list[Tensor]:
+        """The logits of every trained depth as validation and test compute them: eager under
+        ``model.compile_mode=reduce-overhead`` (``eval_eager``)."""
         eager = torch.compiler.set_stance("force_eager") if self.eval_eager else None
         with eager or contextlib.nullcontext():
-            outputs = self(x)
-        for name, logits in zip(self.names, outputs, strict=True):
+            return self(x)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
+        x, y = batch
+        for name, logits in zip(self.names, self.eval_logits(x), strict=True):
             self.metrics[split][name].update(logits, y)
 
     def _log_epoch(self, split: str) -> None:
