@@ -197,8 +197,8 @@ class EKDModule(L.LightningModule):
     def eval_logits(self, x: Tensor) -> list[Tensor]:
         """The logits of every trained depth as validation and test compute them: eager under
         ``model.compile_mode=reduce-overhead`` (``eval_eager``)."""
-        eager = torch.compiler.set_stance("force_eager") if self.eval_eager else None
-        with eager or contextlib.nullcontext():
+        eager = self.eval_eager
+        with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             return self(x)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], split: str) -> None:
