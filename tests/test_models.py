@@ -479,9 +479,7 @@ def test_compiled_blocks_equal_eager_and_never_recompile_for_new_depths(bn_stats
     )
     compiled = copy.deepcopy(eager)
     counter = CompileCounter()
-    limit = torch._dynamo.config.recompile_limit
     compiled.compile_blocks(backend=counter)
-    assert torch._dynamo.config.recompile_limit == limit  # raised in the blocks' calls only
     optims = [torch.optim.SGD(n.parameters(), lr=0.1) for n in (eager, compiled)]
     sets = [eager.depths] + _lattice_sets(eager, 4)
     assert len({tuple(s) for s in sets}) == 5
