@@ -130,7 +130,8 @@ def test_overhead_bench_trains_what_lightning_trains(bf16) -> None:
 def test_syncs_bench_counts_reads_on_logging_steps_only() -> None:
     """bench/syncs.py on the CPU (tensor reads instead of CUDA syncs), a real Trainer logging
     every 3 steps: the divergence check and the bar's loss read on each logging step, no
-    other step reads."""
+    other step reads. (Exact counts: a Lightning release that reads on its own would show
+    here first.)"""
     bench = _bench("syncs")
     args = ["--device", "cpu", "--steps", "8", "--log-every", "3", "--batch-size", "4"]
     result = bench.main([*args, "--image-size", "8", "--subnets", "[[1,1,1]]"])["syncs"]

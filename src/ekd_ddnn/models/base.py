@@ -156,7 +156,7 @@ class DepthDynamicNet(nn.Module):
         # every region shares nn.Module's call code, whose compiled entries Dynamo caps at
         # recompile_limit (8 by default): allow each region its train/eval x batch-size
         # graphs. Raised for the process: a config patch around each region's call would
-        # cost 2-4 us of host time per call, 0.1-0.2 ms per step of ResNet-56's depths.
+        # cost ~4 us of host time per call, 0.1-0.2 ms per step of ResNet-56's depths.
         limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
         torch._dynamo.config.recompile_limit = limit
         for region in regions:
