@@ -87,22 +87,17 @@ class EKDModule(L.LightningModule):
             check_num_sampled(self.lattice, loss.num_sampled)
             # the full-net and the smallest depth, trained every step, under their own names
             self.lattice_names = [net.name_of(d) for d in (self.lattice[0], self.lattice[-1])]
-            if net.config.get("compile") and net.config.get("compile_mode") == "reduce-overhead":
+            if self.cuda_graphs:
                 raise UserError(
                     "model.compile_mode=reduce-overhead records CUDA graphs for one set of depths "
                     "and ekd.sampling=lattice draws a new set every step; use "
                     "model.compile_mode=default or max-autotune-no-cudagraphs"
                 )
-        # Under reduce-overhead, evaluation runs eager: without a backward pending, each
-        # compiled block starts a new CUDA-graph generation, which overwrites the previous
-        # block's output, its own input (pytorch/pytorch#152887, open).
-        self.eval_eager = False
         if net.config.get("compile"):
             # the loss runs between the blocks' graphs, on tensors they made: CUDA graphs
             # (reduce-overhead) are recorded for the blocks alone
             mode = net.config.get("compile_mode", "default")
-            loss.compile(mode="default" if mode == "reduce-overhead" else mode)
-            self.eval_eager = mode == "reduce-overhead"
+            loss.compile(mode="default" if self.cuda_graphs else mode)
         self.save_hyperparameters(
             {"net_config": net.config, "loss": asdict(loss), "config": config or {}}
         )
@@ -194,10 +189,19 @@ class EKDModule(L.LightningModule):
         self.log_dict(logs, batch_size=len(y))
         return terms.total
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the blocks are compiled with CUDA graphs (``model.compile_mode=
+        reduce-overhead``)."""
+        config = self.net.config
+        return bool(config.get("compile")) and config.get("compile_mode") == "reduce-overhead"
+
     def eval_logits(self, x: Tensor) -> list[Tensor]:
-        """The logits of every trained depth as validation and test compute them: eager under
-        ``model.compile_mode=reduce-overhead`` (``eval_eager``)."""
-        eager = self.eval_eager
+        """The logits of every trained depth as validation and test compute them. Eager under
+        CUDA graphs: with no backward pending, each compiled block would start a new CUDA-graph
+        generation and overwrite the previous block's output, its own input
+        (pytorch/pytorch#152887, open)."""
+        eager = self.cuda_graphs
         with torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
             return self(x)
 
