@@ -22,7 +22,6 @@ operations per step in all rather than a hundred, for every depth and stage at o
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -257,11 +257,13 @@ class EKDLoss:
             log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
         spatial = tuple(f.shape[2:] for f in features[0])
         plan = _plan(sharing_pattern(features), spatial, self.ensemble, self.attention_stages)
+        pixel_weights = (
+            _pixel_weights(plan.sizes, batch, log_probs.device, log_probs.dtype)
+            if plan.sizes
+            else None
+        )
         stage_outputs = [features[d][s] for d, s in plan.inputs]
-        weights = None
-        if plan.sizes:
-            weights = _attention_weights(plan, batch, log_probs.device)
-        distilled = _Distillation.apply(plan, weights, log_probs, *stage_outputs)
+        distilled = _Distillation.apply(plan, pixel_weights, log_probs, *stage_outputs)
         students = plan.students
         raw = torch.cat([log_likelihood, distilled])
         kl_scales = (self.temperature**2 / batch,) * students
@@ -325,10 +327,9 @@ class _Plan:
     in ``inputs`` of its output of each computed stage; ``sizes``: each computed stage's
     pixels, the stages' order in a depth's row of joined maps; ``counts``: per student, the
     stages its MSE averages over (``attention_stages``); ``slots``: per input, where its
-    gradient lies in the students' rows of the joined maps (B, depths, pixels), as the
-    offset of (depth, stage start): one place, or more where students share the output;
-    ``strides``: per input, the strides that broadcast the pixels at a slot over the
-    channels.
+    gradient lies in the students' joined maps (B, students, pixels), as the offset of
+    (student, stage start): one place, or more where depths share the output; ``strides``:
+    per input, the strides that broadcast the pixels at a slot over the channels.
     """
 
     ensemble: bool
@@ -343,11 +344,6 @@ class _Plan:
     def students(self) -> int:
         """The number of KL (and of MSE) terms."""
         return len(self.counts)
-
-    @property
-    def first_student(self) -> int:
-        """The depth of the first student: the full-net's with the ensemble terms, else 1."""
-        return len(self.rows) - len(self.counts)
 
 
 @_built_once
@@ -371,17 +367,17 @@ def _plan(
     if attention_stages == "all":
         counts = [len(pixels)] * len(pattern)
     else:
-        counts = [max(1, sum(d[s] for s in computed)) for d in differs]
-        counts[0] = max(1, len(computed))
+        counts = [max(1, len(computed))]
+        counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
     counts = counts if ensemble else counts[1:]
-    # the joined maps of one sample: depth after depth, each stage's pixels contiguous and
-    # row-major
+    # the students' joined maps of one sample: student after student, each stage's pixels
+    # contiguous and row-major
     *starts, width = itertools.accumulate(sizes, initial=0)
     slots: list[list[int]] = [[] for _ in inputs]
-    for d in range(len(rows) - len(counts), len(rows)):
-        for i, start in zip(rows[d], starts, strict=True):
-            slots[i].append(d * width + start)
-    strides = [(len(rows) * width, 0, *_contiguous_strides(spatial[s])) for _, s in inputs]
+    for k, row in enumerate(rows[len(rows) - len(counts) :]):
+        for i, start in zip(row, starts, strict=True):
+            slots[i].append(k * width + start)
+    strides = [(len(counts) * width, 0, *_contiguous_strides(spatial[s])) for _, s in inputs]
     return _Plan(
         ensemble,
         tuple(inputs),
@@ -398,52 +394,6 @@ def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
 
 
-def _gram_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of the attention terms' Gram form: float64, as ``|n_k - n_0|^2 = 2 - 2 cos``
-    cancels where the maps agree (float32 would keep only a few digits of a small MSE); MPS
-    has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-@_built_once
-def _attention_weights(plan: _Plan, batch: int, device: torch.device) -> tuple[Tensor, ...]:
-    """The constants of the attention terms' Gram form (:class:`_Distillation`), in
-    :func:`_gram_dtype`.
-
-    ``stage_masks`` (stages, 1, pixels): 1 on each stage's pixels of the joined maps;
-    ``values`` (B * depths * stages * depths, students): the weight of each normalised
-    Gram entry ``<n_i, n_j>`` of stage ``s`` in student ``k``'s MSE sum, ``w_s e_ki e_kj``,
-    where ``e_k`` writes the student's map minus its teacher's in the depths' maps and
-    ``w_s = 1 / (B H_s W_s)``; ``gradients`` (students, depths * stages * depths): with the
-    teachers constant, ``d MSE_k / d n_i = sum_j 2 w_s [i = k's depth] e_kj n_j``.
-    """
-    depths, students = len(plan.rows), plan.students
-    first, dtype = plan.first_student, _gram_dtype(device)
-    # made on the device: a compiled loss traces this, and a host tensor would be a copy
-    eye = torch.eye(depths, device=device, dtype=dtype)
-    own = eye[first:]  # (students, depths): each student's own map
-    teachers = eye[:1].expand(students, depths)
-    if plan.ensemble:  # the full-net's teacher is the mean over the depths
-        teachers = torch.cat([torch.full_like(eye[:1], 1 / depths), teachers[1:]])
-    e = own - teachers
-    w = torch.tensor([1.0 / (batch * n) for n in plan.sizes], device=device, dtype=dtype)
-    values = torch.einsum("ki,s,kj->isjk", e, w, e).reshape(1, -1, students)
-    gradients = torch.einsum("ki,s,kj->kisj", own, 2 * w, e).reshape(students, -1)
-    *starts, width = itertools.accumulate(plan.sizes, initial=0)
-    stage_masks = torch.zeros(len(plan.sizes), 1, width, device=device, dtype=dtype)
-    for s, (start, size) in enumerate(zip(starts, plan.sizes, strict=True)):
-        stage_masks[s, :, start : start + size] = 1
-    return stage_masks, values.expand(batch, -1, -1).reshape(-1, students), gradients
-
-
-def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """No autocast around the attention terms' matrix products: their Gram entries and
-    weightings stay in the maps' dtype (at least float32) rather than bf16."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class _Distillation(torch.autograd.Function):
     """The distillation terms' sums, per student: ``B * KL / T^2``, then the attention MSEs
     summed over the stages, from the log-probabilities (D, B, classes) and the stage outputs
@@ -451,22 +401,19 @@ class _Distillation(torch.autograd.Function):
 
     Why not autograd: it replays a backward node for each of the terms' small operations, a
     kernel launch or more each on a GPU and several microseconds each on a CPU, where the
-    step is bound by such overheads rather than by arithmetic (issue 15). Here the attention
-    terms of every depth and stage come from one matrix product: the Gram matrices of the
-    depths' channel-sum maps per stage and sample. With ``n = m / max(|m|, eps)`` (what
-    ``F.normalize`` computes), ``|n_k - n_0|^2`` and ``|n_0 - mean_j n_j|^2`` are fixed
-    linear combinations of the normalised Gram entries ``<m_i, m_j> / (max(|m_i|, eps)
-    max(|m_j|, eps))``, and the gradient of every map is one more batched product. It
-    equals autograd of the plain formulas, values and gradients (``tests/test_losses.py``).
-    The teachers are constants, so only the student side of each term moves. Once
-    differentiable: no gradient of a gradient.
+    step is bound by such overheads rather than by arithmetic (issue 15). Here the forward
+    works on every stage's maps at once, joined along the pixels of one (B, depths, pixels)
+    tensor, and the backward is the closed form: half the backward operations of autograd
+    (``bench/step_cost.py`` counts them). It equals autograd of the plain formulas, values
+    and gradients (``tests/test_losses.py``). The teachers are constants, so only the
+    student side of each term moves. Once differentiable: no gradient of a gradient.
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         plan: _Plan,
-        weights: tuple[Tensor, Tensor, Tensor] | None,
+        pixel_weights: Tensor | None,
         log_probs: Tensor,
         *stage_outputs: Tensor,
     ) -> Tensor:
@@ -475,29 +422,27 @@ class _Distillation(torch.autograd.Function):
         kl = (torch.special.xlogy(teacher, teacher) - teacher * student).sum(dim=(1, 2))
         ctx.plan = plan
         ctx.stage_outputs = [(f.shape, f.dtype) for f in stage_outputs]
-        if weights is None:
+        if not plan.sizes:
             ctx.save_for_backward(teacher)
             return torch.cat([kl, kl.new_zeros(plan.students)])
-        stage_masks, values, gradients = weights
         # in the loss's dtype or the maps', the wider (float32 at least: a bf16 map's channel
         # sums are never rounded to bf16)
         dtype = torch.promote_types(kl.dtype, stage_outputs[0].dtype)
-        batch, depths = log_probs.shape[1], len(plan.rows)
+        batch = log_probs.shape[1]
         sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
         maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
-        # (B, depths, every stage's pixels)
-        maps = maps.view(batch, depths, -1).to(values.dtype)
-        ctx.dtype = dtype
-        # each depth's map of one stage, zero on the other stages' pixels
-        masked = (maps.unsqueeze(1) * stage_masks).view(batch, -1, maps.shape[-1])
-        with _full_precision(maps.device):
-            gram = torch.bmm(maps, masked.transpose(1, 2)).view(batch, depths, -1, depths)
-            # gram[b, i, s, j] = <m_i, m_j> over stage s; then 1 / max(|m_i|, eps) per stage
-            inverse = gram.diagonal(dim1=1, dim2=3).clamp_min(_EPS**2).rsqrt()  # (B, S, D)
-            scales = inverse.transpose(1, 2).unsqueeze(-1) * inverse.unsqueeze(1)
-            cosines = gram * scales  # <n_i, n_j>
-            mse = cosines.view(-1) @ values
-        ctx.save_for_backward(teacher, gradients, masked, gram, scales, cosines)
+        maps = maps.view(batch, len(plan.rows), -1)  # (B, depths, every stage's pixels)
+        stages = maps.split(plan.sizes, dim=-1)
+        norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
+        inverse = norms.clamp_min(_EPS).reciprocal_()
+        for m, scale in zip(stages, inverse.unbind(-1), strict=True):
+            m.mul_(scale.unsqueeze(-1))  # F.normalize's arithmetic, per stage
+        diff = _students(maps, plan.ensemble, dim=1) - maps.narrow(1, 0, 1)  # m_k - m_0
+        if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / depths
+            diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / len(plan.rows))
+        weighted = diff * pixel_weights
+        mse = (weighted * diff).sum(dim=(0, 2))
+        ctx.save_for_backward(teacher, weighted, maps, inverse, norms)
         return torch.cat([kl, mse.to(kl.dtype)])
 
     @staticmethod
@@ -510,30 +455,32 @@ class _Distillation(torch.autograd.Function):
             grad_log_probs = teacher * -grad[:students, None, None]
             if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
                 grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
-        if not saved or not any(ctx.needs_input_grad[3:]):
+        if not plan.sizes or not any(ctx.needs_input_grad[3:]):
             return None, None, grad_log_probs, *[None] * len(ctx.stage_outputs)
-        gradients, masked, gram, scales, cosines = saved
-        batch, depths = gram.shape[:2]
-        with _full_precision(gram.device):
-            # d L / d n_i = sum_j coefficients[i, s, j] n_j per stage s: (depths, stages, depths)
-            coefficients = grad[students:].to(gradients.dtype) @ gradients
-            coefficients = coefficients.view(depths, -1, depths)
-            along = (coefficients * cosines).sum(dim=-1)  # <d L / d n_i, n_i>: (B, D, S)
-            # d L / d m_i = sum_j jacobian[i, s, j] m_j: (g_i - <g_i, n_i> n_i) / max(|m_i|, eps)
-            # with g_i = d L / d n_i; where a norm was clamped there is no projection
-            jacobian = coefficients * scales
-            unclamped = scales.diagonal(dim1=1, dim2=3) * (gram.diagonal(dim1=1, dim2=3) > _EPS**2)
-            jacobian.diagonal(dim1=1, dim2=3).addcmul_(along.transpose(1, 2), unclamped, value=-1)
-            grad_maps = torch.bmm(jacobian.view(batch, depths, -1), masked)  # (B, D, pixels)
-        grad_maps = grad_maps.to(ctx.dtype)
+        weighted, *per_depth = saved
+        maps, inverse, norms = (_students(t, plan.ensemble, dim=1) for t in per_depth)
+        grad_maps = weighted * (2 * grad[students:, None])
+        stages = (grad_maps * maps).split(plan.sizes, dim=-1)
+        along = torch.stack([g.sum(dim=-1) for g in stages], dim=-1)
+        # where a norm was clamped, the map is the sums over the floor: no projection
+        along = along * (norms > _EPS)
+        # now the gradient of the sums: (g - m <g, m>) / |u| per stage
+        for g, m, a, scale in zip(
+            grad_maps.split(plan.sizes, dim=-1),
+            maps.split(plan.sizes, dim=-1),
+            along.unbind(-1),
+            inverse.unbind(-1),
+            strict=True,
+        ):
+            g.addcmul_(m, a.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
         return None, None, grad_log_probs, *_channel_sum_grads(ctx, grad_maps)
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
-    """The gradient of each stage output from the gradient of the joined maps (B, depths,
-    pixels): its pixels' gradients (summed where students share the output) broadcast over
-    the channels, as views where the dtypes agree. ``grad_maps`` is contiguous and its
-    storage's own (a fresh product): a pixel's offset is where it lies."""
+    """The gradient of each stage output from the gradient of the students' joined maps
+    (B, students, pixels): its pixels' gradients (summed where depths share the output)
+    broadcast over the channels, as views where the dtypes agree. ``grad_maps`` is
+    contiguous and its storage's own (a fresh product): a pixel's offset is where it lies."""
     plan = ctx.plan
     grads: list[Tensor | None] = []
     for i, (slots, strides, (shape, dtype)) in enumerate(
@@ -549,6 +496,17 @@ def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
         parts = [grad_maps.as_strided(size, strides, slot) for slot in slots]
         grads.append(functools.reduce(operator.add, parts).to(dtype).expand(shape))
     return grads
+
+
+@_built_once
+def _pixel_weights(
+    sizes: tuple[int, ...], batch: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.sizes``): a
+    squared difference summed with these weights is the sum over stages of the stage MSEs."""
+    # made on the device: a compiled loss traces this, and a host tensor would be a copy
+    weights = [torch.full((n,), 1.0 / (batch * n), dtype=dtype, device=device) for n in sizes]
+    return torch.cat(weights)
 
 
 @_built_once
