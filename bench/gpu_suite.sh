@@ -17,19 +17,23 @@
 #   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
 #   train_r50    experiment=imagenet_r50 on synthetic data, 1 epoch (its wall time)    240
 #   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
+#   layouts      loss_ab.py: today's loss against each of $AGAINST (default: the padded   150
+#                and the Gram layouts, 48a3416 and 04a7f4c), ResNet-56 and ResNet-50 sizes
 # A device call runs at most 600 s: split the parts over calls (docs/performance.md, "GPU
 # runs"). The CIFAR subset is read from $DATA (default ../shared/data/cifar10-subset; on the
-# device machine carry a copy inside the repository). The training runs' directories, with
-# their checkpoints, go to $RUNS (default: a new temporary directory), not under OUT: their
-# console logs, results tables included, are OUT/train_*.log. Every part compiles with a
-# fresh inductor cache (compile seconds are cold). BUDGET=<seconds> cuts each part's limit
-# to what is left of it (a device call's own limit: the summary line is still written).
+# device machine carry a copy inside the repository). The device machine gets the working
+# tree, not the git history: there $AGAINST names files (git show REV:src/ekd_ddnn/losses.py
+# > FILE here, carried). The training runs' directories, with their checkpoints, go to $RUNS
+# (default: a new temporary directory), not under OUT: their console logs, results tables
+# included, are OUT/train_*.log. Every part compiles with a fresh inductor cache (compile
+# seconds are cold). BUDGET=<seconds> cuts each part's limit to what is left of it (a device
+# call's own limit: the summary line is still written).
 set -u
 out=$(realpath -m -- "${1:?usage: bench/gpu_suite.sh OUT [PART ...]}")
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning syncs data train_r50
-  train_cifar)
+  train_cifar layouts)
 mkdir -p "$out"
 python=${PYTHON:-python3}
 data=$(realpath -m -- "${DATA:-$(dirname "$0")/../../shared/data/cifar10-subset}")
@@ -46,6 +50,12 @@ data_bench=(--steps 50 --repeats 7 --warmup 2)
 syncs=(--steps 25 --log-every 10)
 r50_train=(data.image_size=224 data.num_classes=1000 data.num_train=6400 data.batch_size=128)
 cifar_train=(trainer.max_epochs=3 data.batch_size=128)
+read -r -a against <<<"${AGAINST:-48a3416 04a7f4c}"
+loss_r56=(--arch cifar_resnet56 --subnets '[[7,7,7],[5,5,5]]' --num-classes 100 --batch-size 128
+  --image-size 32)
+loss_r50=(--arch resnet50 --subnets '[[3,4,4,3],[3,3,3,3]]' --num-classes 1000 --batch-size 128
+  --image-size 224)
+loss_calls=(--rounds 3 --calls 100)
 scale=1
 if [ "${SMOKE:-0}" = 1 ]; then  # the flags checked on the CPU, at a size that runs in seconds
   device=cpu
@@ -60,6 +70,9 @@ if [ "${SMOKE:-0}" = 1 ]; then  # the flags checked on the CPU, at a size that r
     'model.subnets=[[1,1,1,1]]' data.num_val=16 data.num_test=16)
   cifar_train=(trainer.max_epochs=1 data.batch_size=64 'model.subnets=[[1,1,1]]'
     +trainer.limit_train_batches=2 +trainer.limit_val_batches=1)
+  loss_r56=(--arch cifar_resnet20 --subnets '[[2,2,2],[1,1,1]]' --batch-size 4 --image-size 8)
+  loss_r50=(--arch resnet50 --subnets '[[1,1,1,1]]' --batch-size 2 --image-size 32)
+  loss_calls=(--rounds 1 --calls 2 --warmup 1)
   scale=4  # inductor on a 2-core CPU compiles slowly
 fi
 trainer=trainer=gpu
@@ -87,6 +100,19 @@ versions='import torch, torchvision, lightning
 print(torch.__version__, torchvision.__version__, lightning.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
 
+layouts_script() {  # the layouts part's commands, one line each, quoted for bash -c
+  local a
+  for a in "${against[@]}"; do
+    printf 'echo %q; ' "# --against $a, ResNet-56 size"
+    printf '%q ' "$python" bench/loss_ab.py --device "$device" --bf16 --channels-last \
+      --against "$a" "${loss_r56[@]}" "${loss_calls[@]}"
+    printf '; echo %q; ' "# --against $a, ResNet-50 size"
+    printf '%q ' "$python" bench/loss_ab.py --device "$device" --bf16 --channels-last \
+      --against "$a" "${loss_r50[@]}" "${loss_calls[@]}"
+    printf '; '
+  done
+}
+
 step_cost=("$python" bench/step_cost.py --device "$device" "${repeats[@]}" --bf16 --channels-last)
 train=("$python" -m ekd_ddnn.train "$trainer" paths.log_dir="$runs" logger=csv)
 for part in "${parts[@]}"; do
@@ -105,6 +131,7 @@ for part in "${parts[@]}"; do
     train_cifar) run train_cifar 300 "${train[@]}" experiment=cifar10_r20_r14 \
       data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
       ekd.sampling=lattice test=false "${cifar_train[@]}" ;;
+    layouts) run layouts 150 bash -c "$(layouts_script)" ;;
     *) echo "unknown part $part" | tee -a "$out/summary.txt" ;;
   esac
 done

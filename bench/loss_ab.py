@@ -1,15 +1,22 @@
-"""The EKD loss of this tree against the EKD loss at a git revision, on one step's outputs.
+"""The EKD loss of this tree against the EKD loss at a git revision (or in a file), on one
+step's outputs.
 
 Both losses, and the CE-only loss (``ekd=ddnn``), run forward and backward on the same
 outputs of one ``forward_depths`` (each on its own leaf copies, whose ``.grad`` is kept from
-call to call, as in ``step_cost.py``'s loss-only figures), interleaved in every round. It
-first checks that the two EKD losses agree (total and every gradient, float32, 1e-5), then
-reports per round the medians and ``distill_new_over_old``: the distillation's own cost
-(EKD minus CE-only) now over at the revision. What a change to ``losses.py`` saves, with
-far less noise than two runs of ``step_cost.py``. The last line printed is one JSON object.
+call to call, as in ``step_cost.py``'s loss-only figures), interleaved in every round, on
+the CPU or a GPU, in float32 or as a bf16-mixed step runs them. It first checks that the two
+EKD losses agree (total and every gradient to 1e-5, or to one rounding of a bf16
+gradient), then reports per round the medians and ``distill_new_over_old``: the
+distillation's own cost (EKD minus CE-only) now over at the revision. What a change to
+``losses.py`` saves, with far less noise than two runs of ``step_cost.py``. The last line
+printed is one JSON object.
 
     python bench/loss_ab.py --against 3e4b07b
     python bench/loss_ab.py --against 3e4b07b --batch-size 2 --image-size 4   # host time only
+    python bench/loss_ab.py --against old_losses.py --device cuda --bf16 --channels-last
+
+``--against`` takes a file where there is no git history (a device machine gets the working
+tree alone): ``git show 48a3416:src/ekd_ddnn/losses.py > old_losses.py`` here, carried there.
 """
 
 from __future__ import annotations
@@ -38,18 +45,25 @@ LOSSES = "src/ekd_ddnn/losses.py"
 
 
 def losses_at(revision: str) -> ModuleType:
-    """``ekd_ddnn/losses.py`` as it was at ``revision`` of this repository, imported as a
-    module of its own (its imports resolve to today's package)."""
-    shown = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{revision}:{LOSSES}"],
-        capture_output=True,
-        text=True,
-    )
-    if shown.returncode != 0:
-        raise SystemExit(f"error: no {LOSSES} at revision {revision!r}: {shown.stderr.strip()}")
+    """``ekd_ddnn/losses.py`` as it was at ``revision`` of this repository, or the file at
+    that path, imported as a module of its own (its imports resolve to today's package)."""
+    if Path(revision).is_file():
+        source = Path(revision).read_text()
+    else:
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{revision}:{LOSSES}"],
+            capture_output=True,
+            text=True,
+        )
+        if shown.returncode != 0:
+            raise SystemExit(
+                f"error: no {LOSSES} at revision {revision!r} (and no such file): "
+                f"{shown.stderr.strip()}"
+            )
+        source = shown.stdout
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "losses_at_revision.py"
-        path.write_text(shown.stdout)
+        path.write_text(source)
         spec = importlib.util.spec_from_file_location("losses_at_revision", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while defining
@@ -64,7 +78,9 @@ def _tensors(own: tuple[list[Tensor], list[list[Tensor]]]) -> list[Tensor]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", required=True, help="git revision of the other loss")
+    parser.add_argument(
+        "--against", required=True, help="git revision of the other loss, or its losses.py"
+    )
     parser.add_argument("--arch", default="cifar_resnet20")
     parser.add_argument("--subnets", type=json.loads, default=[[2, 2, 2], [1, 1, 1]])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -73,6 +89,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each its own medians")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per loss per round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls per round first")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--bf16", action="store_true", help="the outputs and the losses under bf16 autocast"
+    )
+    parser.add_argument(
+        "--channels-last", action="store_true", help="NHWC weights and inputs (channels_last)"
+    )
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -82,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the comparison, print a line per round and return the result (the JSON line)."""
     args = parse_args(argv)
     old_losses = losses_at(args.against)
+    device = torch.device(args.device)
     with bench_threads(args.threads):
         torch.manual_seed(args.seed)
         net = build_net(
@@ -89,45 +113,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
             subnets=args.subnets,
             num_classes=args.num_classes,
             image_size=args.image_size,
-        )
-        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-        y = torch.randint(args.num_classes, (args.batch_size,))
-        outputs = fixed_outputs(net, x, bf16=False)
+            channels_last=args.channels_last,
+        ).to(device)
+        x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(args.num_classes, (args.batch_size,), device=device)
+        outputs = fixed_outputs(net, x, bf16=args.bf16)
         losses = {
             "now": EKDLoss(),
             "at_revision": old_losses.EKDLoss(),
             "ce_only": EKDLoss(mode="ddnn"),
         }
         own = {name: leaves(outputs) for name in losses}
-        totals = {}
-        for name in ("now", "at_revision"):
+
+        def call(name: str) -> Tensor:
             logits, features = own[name]
-            totals[name] = losses[name].terms(logits, features, y).total
-            totals[name].backward()
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                total = losses[name].terms(logits, features, y).total
+            total.backward()
+            return total
+
+        totals = {name: call(name) for name in ("now", "at_revision")}
         pairs = [(totals["now"], totals["at_revision"])]
         pairs += [
             (a.grad, b.grad)
             for a, b in zip(_tensors(own["now"]), _tensors(own["at_revision"]), strict=True)
         ]
         for now, then in pairs:  # a stage output no term reads has no gradient on either side
+            rtol = 1e-5 if now is None else max(1e-5, torch.finfo(now.dtype).eps)
             if (now is None) != (then is None) or (
-                now is not None and not torch.allclose(now, then, rtol=1e-5, atol=1e-5)
+                now is not None and not torch.allclose(now, then, rtol=rtol, atol=1e-5)
             ):
                 raise SystemExit(
                     f"error: the EKD loss at {args.against} and now differ (total or a "
-                    "gradient beyond 1e-5): timing them would compare different losses"
+                    "gradient beyond 1e-5 or its dtype's rounding): timing them would compare "
+                    "different losses"
                 )
-
-        def call(name: str) -> None:
-            logits, features = own[name]
-            losses[name].terms(logits, features, y).total.backward()
-
         fns = {name: (lambda name=name: call(name)) for name in losses}
         rounds = []
         for _ in range(args.rounds):
-            times, _ = time_interleaved(
-                fns, repeats=args.calls, warmup=args.warmup, device=torch.device("cpu")
-            )
+            times, _ = time_interleaved(fns, repeats=args.calls, warmup=args.warmup, device=device)
             ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
             ratio = (ms["now"] - ms["ce_only"]) / (ms["at_revision"] - ms["ce_only"])
             rounds.append({**{k: round(v, 3) for k, v in ms.items()}, "ratio": round(ratio, 3)})
@@ -135,9 +161,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 f"EKD loss now {ms['now']:.3f} ms, at {args.against} {ms['at_revision']:.3f} ms, "
                 f"CE-only {ms['ce_only']:.3f} ms: distillation now / then = {ratio:.3f}"
             )
+    stage_output = outputs[0][1][0]
     result = {
         "distill_new_over_old": [r["ratio"] for r in rounds],
         "ms": rounds,
+        "stage_outputs": {  # what the losses were timed on
+            "dtype": str(stage_output.dtype).removeprefix("torch."),
+            "channels_last": stage_output.is_contiguous(memory_format=torch.channels_last),
+        },
         "config": vars(args),
     }
     print(json.dumps(result))

@@ -157,8 +157,20 @@ def test_loss_ab_bench_times_the_loss_against_a_revision(loss_ab, subnets) -> No
     result = loss_ab.main(["--against", "HEAD", *tiny, "--warmup", "0"])
     assert len(result["distill_new_over_old"]) == len(result["ms"]) == 2
     assert set(result["ms"][0]) == {"now", "at_revision", "ce_only", "ratio"}
+    assert result["stage_outputs"] == {"dtype": "float32", "channels_last": False}
     with pytest.raises(SystemExit, match=r"^error: no src/ekd_ddnn/losses.py at revision 'no-such"):
         loss_ab.main(["--against", "no-such-revision", *tiny])
+
+
+def test_loss_ab_bench_reads_a_loss_file_and_runs_bf16_channels_last(loss_ab) -> None:
+    """Where there is no git history (a device machine), the other loss is a file; the
+    outputs and both losses run as a bf16-mixed, channels_last step runs them, and the bf16
+    gradients pass the equality check."""
+    losses_file = BENCH.parent / "src" / "ekd_ddnn" / "losses.py"
+    tiny = ["--batch-size", "2", "--image-size", "4", "--rounds", "1", "--calls", "2"]
+    result = loss_ab.main(["--against", str(losses_file), *tiny, "--bf16", "--channels-last"])
+    assert len(result["distill_new_over_old"]) == 1
+    assert result["stage_outputs"] == {"dtype": "bfloat16", "channels_last": True}
 
 
 def test_loss_ab_bench_refuses_losses_that_differ(loss_ab, monkeypatch) -> None:
