@@ -67,7 +67,14 @@ def losses_at(revision: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location("losses_at_revision", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while defining
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except (SyntaxError, ImportError) as error:
+            raise SystemExit(
+                f"error: {revision} is not a losses.py that imports: {error}"
+            ) from None
+    if not hasattr(module, "EKDLoss"):
+        raise SystemExit(f"error: {revision} has no EKDLoss: not an ekd_ddnn losses.py")
     return module
 
 

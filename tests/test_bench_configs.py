@@ -173,6 +173,23 @@ def test_loss_ab_bench_reads_a_loss_file_and_runs_bf16_channels_last(loss_ab) ->
     assert result["stage_outputs"] == {"dtype": "bfloat16", "channels_last": True}
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("# notes\n1st line\n", r"is not a losses.py that imports: invalid decimal literal"),
+        ("import no_such_module_here\n", r"is not a losses.py that imports: No module named"),
+        ("x = 1\n", r"has no EKDLoss: not an ekd_ddnn losses.py$"),
+    ],
+)
+def test_loss_ab_bench_refuses_a_file_that_is_no_loss(loss_ab, tmp_path, text, message) -> None:
+    """A file given as the other loss that does not import, or has no EKDLoss, is refused in
+    one line before anything is built or timed."""
+    path = tmp_path / "other.py"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=rf"^error: {path} {message}"):
+        loss_ab.main(["--against", str(path), "--batch-size", "2", "--image-size", "4"])
+
+
 def test_loss_ab_bench_refuses_losses_that_differ(loss_ab, monkeypatch) -> None:
     """Two losses whose totals differ are never timed against each other."""
     other = loss_ab.losses_at("HEAD")
