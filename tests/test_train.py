@@ -243,7 +243,7 @@ def test_accuracy_metrics_equal_a_hand_count(num_classes):
         assert values[f"top{k}"].item() == pytest.approx(count / 145)
 
 
-@pytest.mark.parametrize("bar", ["rich", "none"])
+@pytest.mark.parametrize("bar", ["rich", "tqdm", "none"])
 def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
     """Between two logging steps a training step never turns a tensor into a Python value
     (``.item()``, ``bool()``, ``float()``, ...): on a GPU each would wait for the device.
@@ -254,7 +254,7 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from ekd_ddnn.callbacks import LossProgressBar
+    from ekd_ddnn.callbacks import LossProgressBar, LossTQDMProgressBar
     from ekd_ddnn.data.synthetic import make_synthetic
     from ekd_ddnn.losses import EKDLoss
     from ekd_ddnn.module import EKDModule
@@ -272,6 +272,7 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
         monkeypatch.setattr(torch.Tensor, name, counted)
 
     losses = []
+    bars = {"rich": [LossProgressBar()], "tqdm": [LossTQDMProgressBar()]}
 
     class Watch(L.Callback):  # every hook of steps 2-11, the progress bar's among them
         def on_train_batch_start(self, trainer, *args) -> None:
@@ -294,7 +295,7 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
         enable_model_summary=False,
         enable_progress_bar=bar != "none",
         limit_val_batches=0,
-        callbacks=[Watch(), *([LossProgressBar()] if bar == "rich" else [])],
+        callbacks=[Watch(), *bars.get(bar, [])],
     )
     # lattice sampling: the fixed step's path plus the draw of each step's depths
     module = EKDModule(net, EKDLoss(sampling="lattice"), optimizer=optimizer)
@@ -304,7 +305,8 @@ def test_training_steps_read_nothing_back_to_the_host(monkeypatch, bar):
     assert set(reads) == logging_steps, reads
     # the bar shows the last logging step's loss (step 12), a number kept on the host
     assert module.last_logged_loss == losses[11].item()
-    if bar == "rich":
+    if bar in bars:
+        assert trainer.progress_bar_callback is bars[bar][0]
         assert trainer.progress_bar_callback.get_metrics(trainer, module)["loss"] == (
             module.last_logged_loss
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar, TQDMProgressBar
 
 from ekd_ddnn.errors import find_user_error
 
@@ -38,8 +38,8 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(self.ckpt_path)
 
 
-class LossProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, with the training loss of the last logging step.
+class _LoggedLossBar:
+    """A progress bar's metrics with the training loss of the last logging step.
 
     The loss is a number the module keeps on the host (``EKDModule.last_logged_loss``, set on
     the logging steps, which read the device anyway), not a progress-bar value logged with
@@ -50,8 +50,18 @@ class LossProgressBar(RichProgressBar):
     def get_metrics(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> dict[str, int | str | float | dict[str, float]]:
-        items = super().get_metrics(trainer, pl_module)
+        items = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
         loss = getattr(pl_module, "last_logged_loss", None)
         if loss is not None:
             items["loss"] = loss
         return items
+
+
+class LossProgressBar(_LoggedLossBar, RichProgressBar):
+    """Lightning's rich progress bar, with the loss of the last logging step."""
+
+
+class LossTQDMProgressBar(_LoggedLossBar, TQDMProgressBar):
+    """Lightning's plain-text (tqdm) progress bar, with the loss of the last logging step:
+    for logs that are not a terminal (``callbacks.rich_progress_bar._target_=
+    ekd_ddnn.callbacks.LossTQDMProgressBar``)."""
