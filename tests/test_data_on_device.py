@@ -355,3 +355,40 @@ def test_resume_may_switch_on_device():
     stored = {"data": {"batch_size": 64}, "seed": 1}
     current = {"data": {"batch_size": 64, "on_device": True}, "seed": 1}
     assert changed_settings(stored, current) == ([], ["data.on_device <unset> -> True"])
+
+
+@pytest.mark.parametrize(
+    ("on_device", "world_size", "refused"),
+    [
+        (False, 1, False),
+        (True, 1, False),
+        (False, 2, False),  # the distributed sampler repeats one image: 5 per rank
+        (True, 2, True),  # equal shards of 4: no batch of 5
+        (False, 3, True),
+    ],
+)
+def test_a_split_without_a_full_batch_per_rank_is_refused(on_device, world_size, refused):
+    """Training batches drop the last incomplete one, so a rank whose share of the split is
+    below one batch would train nothing: refused in one line before any step. Below one
+    batch on every rank (no trainer: one), the loaders refuse too."""
+    from ekd_ddnn.data.synthetic import SyntheticDataModule
+    from ekd_ddnn.errors import UserError
+
+    data = SyntheticDataModule(num_train=9, batch_size=5, image_size=4, on_device=on_device)
+    data.setup()
+    if not refused:
+        data._check_batches(9, world_size)
+        assert len(data.train_dataloader()) == 1
+        return
+    with pytest.raises(UserError) as info:
+        data._check_batches(9, world_size)
+    share = 9 // world_size if on_device else -(-9 // world_size)
+    assert str(info.value) == (
+        f"9 training images, {share} per rank on {world_size} ranks, make no batch of "
+        f"data.batch_size=5: no training step; lower data.batch_size to at most {share} or "
+        "train on more images"
+    )
+    small = SyntheticDataModule(num_train=4, batch_size=5, image_size=4, on_device=on_device)
+    small.setup()
+    with pytest.raises(UserError, match="^4 training images make no batch of data.batch_size=5"):
+        small.train_dataloader()

@@ -371,6 +371,48 @@ CATALOGUE = [
     ),
     (
         "train",
+        ["data.batch_size=2000"],
+        1,
+        "1437 training images make no batch of data.batch_size=2000: no training step; lower data.batch_size to at most 1437 or train on more images",
+    ),
+    (
+        "train",
+        ["data=synthetic", "data.num_train=0"],
+        1,
+        "data.num_train must be an integer >= 1, got 0",
+    ),
+    (
+        "train",
+        ["seed=-1"],
+        1,
+        "seed must be >= 0, got -1",
+    ),
+    (
+        "train",
+        ["trainer.float32_matmul_precision=HIGH"],
+        1,
+        "trainer.float32_matmul_precision must be one of highest, high, medium (torch.set_float32_matmul_precision), got 'HIGH'",
+    ),
+    (
+        "train",
+        ["+trainer.accumulate_grad_batches=0"],
+        1,
+        "trainer.accumulate_grad_batches must be >= 1, got 0",
+    ),
+    (
+        "train",
+        ["+trainer.limit_train_batches=0"],
+        1,
+        "trainer.limit_train_batches=0 trains nothing; give a count >= 1 or a fraction of the epoch in (0, 1]",
+    ),
+    (
+        "train",
+        ["+trainer.limit_train_batches=0.01"],
+        1,
+        "cannot train: You requested to check 0.01 of the `train_dataloader` but 0.01 * 22 < 1. Please increase the `limit_train_batches` argument.",
+    ),
+    (
+        "train",
         ["trainer.max_epoch=1"],
         1,
         "unknown key trainer.max_epoch; did you mean trainer.max_epochs? (to add a new key on purpose: +trainer.max_epoch=...)",

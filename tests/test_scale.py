@@ -381,6 +381,28 @@ def test_read_overrides(tmp_path, text, expected):
     )
 
 
+def test_read_overrides_takes_the_latest_resumption(tmp_path):
+    """A resumed run's overrides are those of its last resumption (numbered, not sorted as
+    text), without the ``resume=`` that started it; a folder without a record is skipped."""
+    record = tmp_path / ".hydra"
+    for folder, items in [
+        (record, ["seed=1", "trainer.max_epochs=2"]),
+        (record / "resume-2", ["seed=1", f"resume={tmp_path}", "trainer.max_epochs=3"]),
+        (record / "resume-10", ["seed=1", f"++resume={tmp_path}", "trainer.max_epochs=5"]),
+    ]:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "overrides.yaml").write_text("".join(f"- {o}\n" for o in items))
+    (record / "resume-11").mkdir()  # a resumption whose record was taken back
+    assert read_overrides(tmp_path) == ["seed=1", "trainer.max_epochs=5"]
+    (record / "resume-10" / "overrides.yaml").write_text("seed: 1\n")
+    with pytest.raises(UserError) as info:
+        read_overrides(tmp_path)
+    assert str(info.value) == (
+        f"job {tmp_path}: .hydra/resume-10/overrides.yaml is not a list of overrides (an "
+        "object, not a list of key=value strings); rerun that job or move its folder away"
+    )
+
+
 def test_optuna_and_slurm_configs_compose(tmp_path):
     """hparams_search=ekd_optuna and hydra/launcher=slurm compose with the real configs."""
     cfg = compose_config("train", ["hparams_search=ekd_optuna", "experiment=cifar10_r20"], tmp_path)

@@ -186,7 +186,7 @@ def test_two_runs_in_one_directory(tmp_path):
 def test_resume_refuses_changed_training_and_records_allowed_changes(tmp_path):
     """resume= with settings that change what is trained: one line listing them, nothing
     written; with allowed ones (more epochs): the run continues, recorded beside the
-    original record, which stays as it was."""
+    original record, which stays as it was; resumed again, it keeps those settings."""
     run_dir = tmp_path / "run"
     first = run_cli("train", *RUN, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr
@@ -215,6 +215,20 @@ def test_resume_refuses_changed_training_and_records_allowed_changes(tmp_path):
         "- trainer.max_epochs=2",
     ]
     assert (run_dir / "train.log").read_text().startswith(log)  # appended, not replaced
+
+    # resumed once more with nothing left to train and nothing to evaluate (test=false): the
+    # last resumption's max_epochs=2 holds, the results stay and no record is added
+    results = (run_dir / "results.json").read_bytes()
+    ended = run_cli("train", f"resume={run_dir}", "test=false", cwd=tmp_path)
+    assert ended.returncode == 1
+    assert ended.stderr.splitlines()[-1] == (
+        "error: the checkpoint had already reached the end of training (trainer.max_epochs=2, "
+        "trainer.max_steps=-1): nothing was trained or measured and the results are "
+        "unchanged; raise trainer.max_epochs to train on, or pass test=true to evaluate the "
+        "best checkpoint"
+    )
+    assert (run_dir / "results.json").read_bytes() == results
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir() if p.is_dir()) == ["resume-1"]
 
 
 @pytest.mark.slow

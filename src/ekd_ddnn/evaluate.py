@@ -26,7 +26,7 @@ from ekd_ddnn.front import checkpoint_depths, choose_depths, default_device, eva
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.results import format_table, plot_front, read_reference, write_results
 from ekd_ddnn.run.checkpoint import data_config, load_checkpoint, net_from_checkpoint
-from ekd_ddnn.run.checks import check_integer, check_trainer
+from ekd_ddnn.run.checks import check_integer, check_seed, check_trainer
 from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.run.trainer import build_trainer
 from ekd_ddnn.timing import measure_speed
@@ -138,7 +138,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
         raise UserError(
             "pass the checkpoint to evaluate: ckpt_path=<run dir>/checkpoints/best.ckpt"
         )
-    check_integer(cfg.seed, "seed")
+    check_seed(cfg.seed)
     check_depth_options(cfg)
     check_trainer(cfg.trainer, allow_cpu_oversubscription=cfg.allow_cpu_oversubscription)
     speed = cfg.speed

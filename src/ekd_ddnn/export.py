@@ -23,7 +23,7 @@ from ekd_ddnn.errors import UserError
 from ekd_ddnn.front import depth_ready
 from ekd_ddnn.models import DepthDynamicNet, count_params
 from ekd_ddnn.run.checkpoint import load_checkpoint, net_from_checkpoint
-from ekd_ddnn.run.checks import check_integer
+from ekd_ddnn.run.checks import check_integer, check_seed
 from ekd_ddnn.run.cli import command, run_app
 from ekd_ddnn.run.files import write_atomically
 
@@ -128,6 +128,7 @@ def check_export_config(cfg: DictConfig) -> None:
             raise UserError(f"pass {key}=...: ckpt_path=<file> depth=<name or [blocks]> out=<path>")
     if cfg.recalibrate_bn != "auto":
         check_integer(cfg.recalibrate_bn, "recalibrate_bn", minimum=0)
+    check_seed(cfg.seed)
     check_out(Path(cfg.out), cfg.format, overwrite=cfg.overwrite)
 
 

@@ -224,11 +224,25 @@ def _yaml_problem(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _latest_record(run_dir: Path) -> Path:
+    """The record of a run's latest command: ``.hydra/resume-<n>/`` of its last resumption
+    (which holds every override that command ran with), else ``.hydra/``."""
+    resumed = []
+    for folder in (run_dir / ".hydra").glob("resume-*"):
+        n = folder.name.removeprefix("resume-")
+        if n.isdigit() and (folder / "overrides.yaml").is_file():
+            resumed.append((int(n), folder))
+    return max(resumed)[1] if resumed else run_dir / ".hydra"
+
+
 def read_overrides(run_dir: str | Path) -> list[str]:
-    """The command-line overrides Hydra recorded in ``<run_dir>/.hydra/overrides.yaml``;
-    ``[]`` where there is no such file. A malformed file raises :class:`UserError` naming it."""
+    """The command-line overrides Hydra recorded for the run in ``run_dir``: those of its
+    latest command (``.hydra/resume-<n>/overrides.yaml`` once resumed, else
+    ``.hydra/overrides.yaml``), so that a resumed run resumed again keeps what the last
+    resumption changed, less its ``resume=`` (which command ran, not a setting of the run);
+    ``[]`` where there is no record. A malformed file raises :class:`UserError` naming it."""
     run_dir = Path(run_dir)
-    path = run_dir / ".hydra" / "overrides.yaml"
+    path = _latest_record(run_dir) / "overrides.yaml"
     if not path.is_file():
         return []
     try:
@@ -246,10 +260,10 @@ def read_overrides(run_dir: str | Path) -> list[str]:
             problem = f"item {bad[0][0]} is {_kind(bad[0][1])}, not a string" if bad else None
     if problem is not None:
         raise UserError(
-            f"job {run_dir}: .hydra/overrides.yaml is not a list of overrides ({problem}); "
+            f"job {run_dir}: {path.relative_to(run_dir)} is not a list of overrides ({problem}); "
             "rerun that job or move its folder away"
         )
-    return items
+    return [item for item in items if item.lstrip("+").partition("=")[0] != "resume"]
 
 
 def is_finite_number(value: object) -> bool:

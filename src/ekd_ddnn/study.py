@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ekd_ddnn import CONFIG_DIR
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.results import read_overrides, read_results, write_table
+from ekd_ddnn.run.checks import MAX_SEED
 from ekd_ddnn.run.cli import report_user_errors, run_app
 
 # every job writes its output to a log file; no progress bar
@@ -88,9 +89,6 @@ def _depth_names(train_overrides: list[str]) -> list[tuple[list[int], str]]:
     """(blocks, name) of every depth the composed train config trains, full-net first."""
     net = instantiate(compose_train(train_overrides, "the study's train config").model)
     return [(list(d), net.name_of(d)) for d in net.depths]
-
-
-MAX_SEED = 2**32 - 1  # Lightning's seed_everything accepts 0 .. 2**32 - 1
 
 
 def check_seeds(seeds: object) -> list[int]:
@@ -159,7 +157,7 @@ def _check_job(job: Job) -> None:
     finished one left a readable ``results.json``."""
     compose_train(job.overrides, f"study job {job.name}")
     if (job.out / ".hydra" / "overrides.yaml").is_file():
-        previous = [o for o in read_overrides(job.out) if "resume=" not in o]
+        previous = read_overrides(job.out)
         if previous != job.overrides:
             changed = " ".join(sorted(set(previous) ^ set(job.overrides)))
             raise UserError(

@@ -27,8 +27,8 @@ from ekd_ddnn.results import add_errors, depth_rows, format_table, write_results
 from ekd_ddnn.run.checkpoint import read_checkpoint
 from ekd_ddnn.run.checks import (
     check_arguments,
-    check_integer,
     check_optimizer,
+    check_seed,
     check_trainer,
 )
 from ekd_ddnn.run.cli import command, run_app
@@ -40,7 +40,7 @@ from ekd_ddnn.run.loggers import (
     log_results_table,
 )
 from ekd_ddnn.run.rundir import check_resumed_settings, resume_checkpoint
-from ekd_ddnn.run.trainer import build_trainer
+from ekd_ddnn.run.trainer import build_trainer, trainer_settings_errors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def build_module(cfg: DictConfig) -> EKDModule:
 
 def check_train_config(cfg: DictConfig) -> None:
     """Everything a training run can refuse before it writes anything (DESIGN section 5)."""
-    check_integer(cfg.seed, "seed")
+    check_seed(cfg.seed)
     for group in ("data", "model", "ekd", "scheduler"):
         check_arguments(cfg.get(group), group)
     check_optimizer(cfg.optimizer)
@@ -96,6 +96,25 @@ def check_monitors(callbacks: list[Any], module: EKDModule) -> None:
             )
 
 
+def check_trained(trainer: L.Trainer, module: EKDModule, cfg: DictConfig) -> None:
+    """Results come only from a net that was trained and is evaluated now: a fit that made
+    no training step has an untrained net, and one that continued a checkpoint which had
+    already reached the end of training, with ``test=false``, measured nothing (its results
+    would be empty and replace the run's)."""
+    if trainer.global_step == 0:
+        raise UserError(
+            "training made no step (check trainer.limit_train_batches and trainer.max_time); "
+            "nothing was written"
+        )
+    if module.epochs_run == 0 and not cfg.get("test"):
+        limits = ", ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in ("max_epochs", "max_steps"))
+        raise UserError(
+            f"the checkpoint had already reached the end of training ({limits}): nothing was "
+            "trained or measured and the results are unchanged; raise trainer.max_epochs to "
+            "train on, or pass test=true to evaluate the best checkpoint"
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train, then evaluate every depth on the test split (validation where there is none).
 
@@ -114,8 +133,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.get("resume"):
             stack.enter_context(keep_csv_history(trainer.loggers))
         define_depth_metrics(trainer.loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with trainer_settings_errors("cannot train"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         module.check_finite()  # steps after the last check: no results from a diverged net
+        check_trained(trainer, module, cfg)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
         # results on the best checkpoint's test split (validation where there is none);

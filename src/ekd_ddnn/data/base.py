@@ -105,11 +105,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
         """Shuffled, augmented training batches (``on_device``: computed on the device)."""
-        if not self.on_device:
-            return self._loader(self.train_set, train=True)
         if self.train_set is None:
             raise RuntimeError("call setup() before asking for a data loader")
-        images, labels, augmentation = self.device_split()
         trainer = self.trainer
         device, rank, world_size = torch.device("cpu"), 0, 1
         if trainer is not None:  # each rank takes its own shard of the epoch's order
@@ -118,12 +115,32 @@ class ImageDataModule(L.LightningDataModule):
                 trainer.global_rank,
                 trainer.world_size,
             )
+        self._check_batches(len(self.train_set), world_size)
+        if not self.on_device:
+            return self._loader(self.train_set, train=True)
+        images, labels, augmentation = self.device_split()
         # the seed torch was seeded with: the run's seed under train (seed_everything, equal on
         # every rank), the calibration seed under recalibrate_bn
         draws = EpochDraws(
             len(labels), augmentation, seed=torch.initial_seed(), rank=rank, world_size=world_size
         )
         return DeviceBatches(images, labels, draws, batch_size=self.batch_size, device=device)
+
+    def _check_batches(self, num_images: int, world_size: int) -> None:
+        """Refuse a training split that gives a rank no full batch: the last incomplete batch
+        is dropped, so such a run would make no training step and report an untrained net.
+        A rank's share: ``num_images // world_size`` on the device (equal shards), rounded
+        up by the DataLoader's distributed sampler (it repeats images to equal shards)."""
+        per_rank = num_images // world_size if self.on_device else -(-num_images // world_size)
+        if per_rank >= self.batch_size:
+            return
+        split = f"{num_images} training images"
+        if world_size > 1:
+            split += f", {per_rank} per rank on {world_size} ranks,"
+        raise UserError(
+            f"{split} make no batch of data.batch_size={self.batch_size}: no training step; "
+            f"lower data.batch_size to at most {max(per_rank, 1)} or train on more images"
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 
 from ekd_ddnn.data.base import ImageDataModule, check_num_classes
 from ekd_ddnn.data.device import Augmentation
+from ekd_ddnn.errors import UserError
 
 
 def make_synthetic(
@@ -40,6 +41,10 @@ class SyntheticDataModule(ImageDataModule):
     ) -> None:
         super().__init__(**loader_kwargs)
         check_num_classes(num_classes)
+        sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+        for key, value in {**sizes, "in_channels": in_channels, "image_size": image_size}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"data.{key} must be an integer >= 1, got {value!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.image_size = image_size

@@ -126,12 +126,24 @@ def _check_finite(value: Any, key: str) -> None:
             _check_finite(v, f"{key}[{i}]")
 
 
-def check_integer(value: Any, key: str, *, minimum: int | None = None) -> None:
-    """``key`` is an integer (not a bool), at least ``minimum``."""
+def check_integer(
+    value: Any, key: str, *, minimum: int | None = None, maximum: int | None = None
+) -> None:
+    """``key`` is an integer (not a bool), at least ``minimum`` and at most ``maximum``."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise UserError(f"{key} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise UserError(f"{key} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{key} must be <= {maximum}, got {value}")
+
+
+MAX_SEED = 2**32 - 1  # Lightning's seed_everything (numpy) accepts 0 .. 2**32 - 1
+
+
+def check_seed(value: Any, key: str = "seed") -> None:
+    """``key`` is a seed Lightning accepts: an integer in ``0 .. 2**32 - 1``."""
+    check_integer(value, key, minimum=0, maximum=MAX_SEED)
 
 
 def usable_cores() -> int:
@@ -140,6 +152,9 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch ignores any other with a warning
 
 
 def check_trainer(trainer: DictConfig, *, allow_cpu_oversubscription: bool = False) -> None:
@@ -151,9 +166,25 @@ def check_trainer(trainer: DictConfig, *, allow_cpu_oversubscription: bool = Fal
         check_integer(value, f"trainer.{key}", minimum=-1)
         if value == 0:
             raise UserError(f"trainer.{key}=0 trains nothing; give at least 1 (or -1 for no limit)")
+    limit = trainer.get("limit_train_batches")
+    if not isinstance(limit, bool) and isinstance(limit, int | float) and limit == 0:
+        raise UserError(
+            f"trainer.limit_train_batches={limit} trains nothing; give a count >= 1 or a "
+            "fraction of the epoch in (0, 1]"
+        )
     if trainer.get("max_epochs") == -1 and trainer.get("max_steps", -1) == -1:
         raise UserError(
             "trainer.max_epochs=-1 with trainer.max_steps=-1 never stops; set one of them"
+        )
+    # counts Lightning takes as given and divides by (a 0 fails mid-run in a traceback)
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        if trainer.get(key) is not None:
+            check_integer(trainer.get(key), f"trainer.{key}", minimum=1)
+    precision = trainer.get("float32_matmul_precision")
+    if precision is not None and precision not in MATMUL_PRECISIONS:
+        raise UserError(
+            f"trainer.float32_matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)} "
+            f"(torch.set_float32_matmul_precision), got {precision!r}"
         )
     devices = trainer.get("devices")
     count = len(devices) if isinstance(devices, list | tuple) else devices

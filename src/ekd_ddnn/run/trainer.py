@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, open_dict
 
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.run.checkpoint_io import SafeCheckpointIO
+
+
+@contextlib.contextmanager
+def trainer_settings_errors(what: str, *, value_errors: bool = False) -> Iterator[None]:
+    """Lightning's refusals of the trainer's settings (``MisconfigurationException``, and
+    while the Trainer is built its ``ValueError``s) as one-line user errors: a setting that
+    does not fit the machine or the data (``limit_train_batches`` below one batch, ...)."""
+    try:
+        yield
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, MisconfigurationException) or (
+            value_errors and isinstance(cause, ValueError)
+        ):
+            reason = str(cause).strip().splitlines()[0]
+            raise UserError(f"{what}: {reason}; check trainer.*") from None
+        raise
 
 
 def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
@@ -20,11 +40,5 @@ def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
         precision = trainer_cfg.pop("float32_matmul_precision", None)
     if precision is not None:  # TF32 on Ampere and later GPUs (`high`); no effect on a CPU
         torch.set_float32_matmul_precision(precision)
-    try:
+    with trainer_settings_errors("cannot set up the trainer", value_errors=True):
         return instantiate(trainer_cfg, plugins=[SafeCheckpointIO()], **kwargs)
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        if type(cause).__name__ == "MisconfigurationException" or isinstance(cause, ValueError):
-            reason = str(cause).strip().splitlines()[0]
-            raise UserError(f"cannot set up the trainer: {reason}; check trainer.*") from None
-        raise
