@@ -12,8 +12,8 @@ own copy of the same seeded net:
 - ``dataloader``: the module's normal loader (per-image PIL crop, flip, normalise in
   ``--workers`` processes, pinned on CUDA), each batch copied to the device.
 
-The modes run interleaved, ``--steps`` steps per mode per repeat (the order rotates and
-reverses between repeats); each ratio is the median over repeats of the two modes' times in
+The modes run interleaved, ``--steps`` steps per mode per repeat (balanced orders, as in
+``step_cost.py``); each ratio is the median over repeats of the two modes' times in
 the same repeat. The images are random uint8 pixels written as CIFAR-10 files in a temporary
 folder (the data's content does not change the cost). The last line printed is one JSON
 object; ``preloaded_over_on_device`` is the target (>= 0.98).
@@ -38,7 +38,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from settings import add_threads_argument, bench_threads
+from settings import (
+    add_device_argument,
+    add_threads_argument,
+    at_least,
+    bench_threads,
+    check_device,
+    reports_user_errors,
+)
 from step_cost import ekd_step, make_sgd, paired_ratios, time_interleaved
 from torch import Tensor
 
@@ -121,18 +128,23 @@ def fetch_ms(fetch: Callable[[], Batch], count: int, device: torch.device) -> fl
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=50_000, help="CIFAR-10 images written")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50, help="steps per mode per repeat")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (config: 2)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--num-images", type=at_least(1), default=50_000, help="CIFAR-10 images written"
+    )
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--steps", type=at_least(1), default=50, help="steps per mode per repeat")
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=7, help="timed repeats of every mode"
+    )
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed repeats first")
+    parser.add_argument(
+        "--workers", type=at_least(0), default=2, help="DataLoader workers (config: 2)"
+    )
+    add_device_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    check_device(parser, args)
     if args.num_images * 0.9 < args.batch_size:
         parser.error("--num-images leaves fewer training images than --batch-size")
     return args
@@ -205,4 +217,4 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reports_user_errors(main)()

@@ -24,20 +24,36 @@
 # device machine carry a copy inside the repository). The device machine gets the working
 # tree, not the git history: there $AGAINST names files (git show REV:src/ekd_ddnn/losses.py
 # > FILE here, carried). The training runs' directories, with their checkpoints, go to $RUNS
-# (default: a new temporary directory), not under OUT: their console logs, results tables
-# included, are OUT/train_*.log. Every part compiles with a fresh inductor cache (compile
-# seconds are cold). BUDGET=<seconds> cuts each part's limit to what is left of it (a device
-# call's own limit: the summary line is still written).
+# (default: a temporary directory, removed at the end), not under OUT: their console logs,
+# results tables included, are OUT/train_*.log. Every part compiles with a fresh inductor
+# cache (compile seconds are cold; removed at the end). BUDGET=<seconds> cuts each part's
+# limit to what is left of it (a device call's own limit: the summary line is still
+# written). OUT/summary.txt gets a header line and one status line per part, appended; the
+# exit status is 1 if any part failed, ran out of time or was skipped.
 set -u
-out=$(realpath -m -- "${1:?usage: bench/gpu_suite.sh OUT [PART ...]}")
+all_parts=(env r56 r50 r56_compile r50_compile lightning syncs data train_r50 train_cifar layouts)
+if [ $# -eq 0 ] || [ -z "$1" ]; then
+  echo "usage: bench/gpu_suite.sh OUT [PART ...]; parts: ${all_parts[*]}" >&2
+  exit 2
+fi
+out=$(realpath -m -- "$1")
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(env r56 r50 r56_compile r50_compile lightning syncs data train_r50
-  train_cifar layouts)
-mkdir -p "$out"
+[ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
+for part in "${parts[@]}"; do  # every name checked before anything runs
+  case " ${all_parts[*]} " in
+    *" $part "*) ;;
+    *) echo "error: unknown part '$part'; choose from ${all_parts[*]}" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$out" || exit 2
 python=${PYTHON:-python3}
 data=$(realpath -m -- "${DATA:-$(dirname "$0")/../../shared/data/cifar10-subset}")
-runs=$(realpath -m -- "${RUNS:-$(mktemp -d)}")
+scratch=$(mktemp -d)  # inductor caches, and the runs unless RUNS is given
+trap 'rm -rf "$scratch"' EXIT
+runs=$(realpath -m -- "${RUNS:-$scratch/runs}")
+failed=0
+echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) ${parts[*]}" >>"$out/summary.txt"
 budget=${BUDGET:-0}
 cd "$(dirname "$0")/.." || exit 1  # the repository root: bench/ and src/ from here
 device=cuda
@@ -86,13 +102,15 @@ run() {  # run PART LIMIT COMMAND...: COMMAND's output to OUT/PART.log, a status
   fi
   if [ "$limit" -le 0 ]; then
     echo "$part: skipped, no time left of BUDGET=$budget s" | tee -a "$out/summary.txt"
+    failed=1
     return
   fi
   echo "\$ $*" >"$out/$part.log"
   # unbuffered: a part cut short by its limit still leaves what it printed
-  PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout -k 15 "$limit" "$@" \
-    >>"$out/$part.log" 2>&1
+  PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d -p "$scratch") \
+    timeout -k 15 "$limit" "$@" >>"$out/$part.log" 2>&1
   local rc=$?
+  [ $rc -ne 0 ] && failed=1
   echo "$part: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
 }
 
@@ -100,17 +118,19 @@ versions='import torch, torchvision, lightning
 print(torch.__version__, torchvision.__version__, lightning.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")'
 
-layouts_script() {  # the layouts part's commands, one line each, quoted for bash -c
-  local a
+layouts_script() {  # the layouts part's commands, quoted for bash -c: each runs, and the
+  local a  # part fails if any of them does
+  printf 'rc=0; '
   for a in "${against[@]}"; do
     printf 'echo %q; ' "# --against $a, ResNet-56 size"
     printf '%q ' "$python" bench/loss_ab.py --device "$device" --bf16 --channels-last \
       --against "$a" "${loss_r56[@]}" "${loss_calls[@]}"
-    printf '; echo %q; ' "# --against $a, ResNet-50 size"
+    printf '|| rc=1; echo %q; ' "# --against $a, ResNet-50 size"
     printf '%q ' "$python" bench/loss_ab.py --device "$device" --bf16 --channels-last \
       --against "$a" "${loss_r50[@]}" "${loss_calls[@]}"
-    printf '; '
+    printf '|| rc=1; '
   done
+  printf 'exit $rc'
 }
 
 step_cost=("$python" bench/step_cost.py --device "$device" "${repeats[@]}" --bf16 --channels-last)
@@ -132,6 +152,6 @@ for part in "${parts[@]}"; do
       data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
       ekd.sampling=lattice test=false "${cifar_train[@]}" ;;
     layouts) run layouts 150 bash -c "$(layouts_script)" ;;
-    *) echo "unknown part $part" | tee -a "$out/summary.txt" ;;
   esac
 done
+exit $failed

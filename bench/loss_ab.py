@@ -33,7 +33,15 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from settings import add_threads_argument, bench_threads
+from settings import (
+    add_device_argument,
+    add_threads_argument,
+    at_least,
+    bench_threads,
+    check_device,
+    reports_user_errors,
+    subnets,
+)
 from step_cost import fixed_outputs, leaves, time_interleaved
 from torch import Tensor
 
@@ -47,6 +55,8 @@ LOSSES = "src/ekd_ddnn/losses.py"
 def losses_at(revision: str) -> ModuleType:
     """``ekd_ddnn/losses.py`` as it was at ``revision`` of this repository, or the file at
     that path, imported as a module of its own (its imports resolve to today's package)."""
+    if Path(revision).is_dir():
+        raise SystemExit(f"error: {revision} is a directory; pass a losses.py or a git revision")
     if Path(revision).is_file():
         source = Path(revision).read_text()
     else:
@@ -69,12 +79,15 @@ def losses_at(revision: str) -> ModuleType:
         sys.modules[spec.name] = module  # dataclasses look their module up while defining
         try:
             spec.loader.exec_module(module)
-        except (SyntaxError, ImportError) as error:
+        except Exception as error:  # anything its import raises: not a usable losses.py
             raise SystemExit(
-                f"error: {revision} is not a losses.py that imports: {error}"
+                f"error: {revision} is not a losses.py that imports: "
+                f"{type(error).__name__}: {error}"
             ) from None
-    if not hasattr(module, "EKDLoss"):
-        raise SystemExit(f"error: {revision} has no EKDLoss: not an ekd_ddnn losses.py")
+    if not callable(getattr(getattr(module, "EKDLoss", None), "terms", None)):
+        raise SystemExit(
+            f"error: {revision} has no EKDLoss with terms(): not an ekd_ddnn losses.py"
+        )
     return module
 
 
@@ -89,14 +102,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--against", required=True, help="git revision of the other loss, or its losses.py"
     )
     parser.add_argument("--arch", default="cifar_resnet20")
-    parser.add_argument("--subnets", type=json.loads, default=[[2, 2, 2], [1, 1, 1]])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each its own medians")
-    parser.add_argument("--calls", type=int, default=200, help="timed calls per loss per round")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed calls per round first")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--subnets", type=subnets, default=[[2, 2, 2], [1, 1, 1]])
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
+    parser.add_argument("--image-size", type=at_least(1), default=16)
+    parser.add_argument("--num-classes", type=at_least(2), default=10)
+    parser.add_argument("--rounds", type=at_least(1), default=3, help="rounds, each its medians")
+    parser.add_argument(
+        "--calls", type=at_least(1), default=200, help="timed calls per loss per round"
+    )
+    parser.add_argument(
+        "--warmup", type=at_least(0), default=10, help="untimed calls per round first"
+    )
+    add_device_argument(parser)
     parser.add_argument(
         "--bf16", action="store_true", help="the outputs and the losses under bf16 autocast"
     )
@@ -105,7 +122,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_device(parser, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -183,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reports_user_errors(main)()

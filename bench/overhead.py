@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import itertools
 import json
 import statistics
 import sys
@@ -33,7 +32,16 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from settings import add_threads_argument, bench_threads
+from settings import (
+    add_device_argument,
+    add_threads_argument,
+    at_least,
+    bench_threads,
+    check_device,
+    reports_user_errors,
+    subnets,
+)
+from step_cost import balanced_orders
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -225,7 +233,8 @@ def _interleave(
     repeats: int,
     warmup: int,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Interleave the steps (cycling through every order); time each, batch fetch included.
+    """Interleave the steps as ``step_cost.time_interleaved`` does (balanced orders, each
+    repeat after an untimed step of its first); time each, batch fetch included.
 
     Returns the post-warm-up seconds per step and each step's first loss.
     """
@@ -233,14 +242,15 @@ def _interleave(
     fetch = batch if isinstance(batch, dict) else dict.fromkeys(names, batch)
     times: dict[str, list[float]] = {name: [] for name in names}
     first: dict[str, float] = {}
-    orders = list(itertools.permutations(names))  # each position and predecessor equally often
+    orders = balanced_orders(len(names))
     for r in range(warmup + repeats):
-        for name in orders[r % len(orders)]:
+        order = [names[i] for i in orders[r % len(orders)]]
+        for i, name in enumerate([order[0], *order]):
             start = time.perf_counter()
             loss = steps[name](*fetch[name]())
             elapsed = time.perf_counter() - start
             first.setdefault(name, loss.item())
-            if r >= warmup:
+            if r >= warmup and i > 0:
                 times[name].append(elapsed)
     return times, first
 
@@ -292,23 +302,30 @@ def bench_data(repeats: int, warmup: int, batch_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+PARTS = ("lightning", "resnet50", "data")  # (a), (b), (c)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="(a) steps of each")
-    parser.add_argument("--lightning-batch", type=int, default=64, help="(a) batch size")
-    parser.add_argument("--lightning-image-size", type=int, default=32, help="(a) image size")
+    parser.add_argument("--steps", type=at_least(2), default=40, help="(a) steps of each")
+    parser.add_argument("--lightning-batch", type=at_least(1), default=64, help="(a) batch size")
+    parser.add_argument(
+        "--lightning-image-size", type=at_least(1), default=32, help="(a) image size"
+    )
     parser.add_argument("--lightning-arch", default="cifar_resnet20", help="(a) architecture")
     parser.add_argument(
-        "--lightning-subnets", type=json.loads, default=[[2, 2, 2]], help="(a) sub-nets, JSON"
+        "--lightning-subnets", type=subnets, default=[[2, 2, 2]], help="(a) sub-nets, JSON"
     )
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="(a) the training device"
-    )
+    add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true", help="(a) bf16-mixed / bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="(a) NHWC layout")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (a, b, c)")
-    parser.add_argument("--repeats", type=int, default=24, help="(b) timed steps of each")
-    parser.add_argument("--data-repeats", type=int, default=60, help="(c) timed steps of each")
+    parser.add_argument(
+        "--warmup", type=at_least(0), default=4, help="untimed steps first (a, b, c)"
+    )
+    parser.add_argument("--repeats", type=at_least(1), default=24, help="(b) timed steps of each")
+    parser.add_argument(
+        "--data-repeats", type=at_least(1), default=60, help="(c) timed steps of each"
+    )
     add_threads_argument(parser)
     parser.add_argument(
         "--parts",
@@ -316,9 +333,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the one part that runs on the device)",
     )
     args = parser.parse_args(argv)
-    args.parts = args.parts or ("lightning" if args.device == "cuda" else "lightning,resnet50,data")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    args.parts = args.parts or ("lightning" if args.device == "cuda" else ",".join(PARTS))
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown --parts {','.join(unknown)}; choose from {','.join(PARTS)}")
+    if "lightning" in args.parts.split(",") and args.steps <= args.warmup + 1:
+        parser.error(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}")
+    check_device(parser, args)
     return args
 
 
@@ -411,7 +432,8 @@ def _run(args: argparse.Namespace) -> dict:
     if "data_fetch_ms" in result:
         result["data_fetch_ms"] = {k: round(v, 3) for k, v in result["data_fetch_ms"].items()}
     result["config"] = {
-        "device": device,
+        # part (a) runs on --device; (b) and (c) always on the CPU
+        "device": {part: device if part == "lightning" else "cpu" for part in parts},
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -420,4 +442,4 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reports_user_errors(main)()

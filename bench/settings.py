@@ -1,12 +1,20 @@
-"""Process settings every bench runs under."""
+"""Process settings every bench runs under, and the arguments they share."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
+
+from ekd_ddnn.errors import find_user_error
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -29,8 +37,70 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads``, the CPU thread count :func:`bench_threads` applies."""
     parser.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=1,
         help="CPU threads (default 1: on a shared machine OpenMP's spinning barriers make "
         "multi-threaded step times swing up to 10x; 0 keeps torch's default)",
     )
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum`` (a count of steps, repeats,
+    images...), so that a 0 or a negative is refused in one line instead of failing later."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def subnets(text: str) -> list[list[int]]:
+    """An argparse ``type``: the sub-nets as JSON, a non-empty list of block lists (the
+    network checks the counts against its stages)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and value and all(isinstance(d, list) for d in value)):
+        raise argparse.ArgumentTypeError(
+            "must be a JSON list of one or more block lists, e.g. '[[2,2,2],[1,1,1]]', "
+            f"got {text!r}"
+        )
+    return value
+
+
+def add_device_argument(parser: argparse.ArgumentParser, *, default: str = "cpu") -> None:
+    """``--device`` (cpu or cuda); :func:`check_device` refuses cuda where there is none."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default)
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--device cuda`` without a CUDA device, in argparse's one line."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+
+def reports_user_errors(main: Callable[..., T]) -> Callable[..., T]:
+    """A bench's entry point where a mistake the library phrases for the user (an unknown
+    architecture, a sub-net deeper than the network, ...) ends in its one ``error:`` line and
+    exit status 2, as argparse's own refusals do, rather than in a traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as exc:
+            error = find_user_error(exc)
+            if error is None:
+                raise
+            print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

@@ -1,7 +1,8 @@
 """What one EKD training step costs, against training every depth alone (issue 7).
 
-In one process, on one fixed batch, interleaved within every repeat (the order rotates and
-reverses from repeat to repeat, so no mode always runs first), it times:
+In one process, on one fixed batch, interleaved within every repeat (in balanced orders: over
+a cycle every mode runs in every position and after every other mode equally often), it
+times:
 
 - ``ekd``: one EKD step: ``net.forward_depths`` over every depth (block-level prefix tree),
   the full EKD loss, backward, SGD step;
@@ -36,7 +37,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from settings import add_threads_argument, bench_threads
+from settings import (
+    add_device_argument,
+    add_threads_argument,
+    at_least,
+    bench_threads,
+    check_device,
+    reports_user_errors,
+    subnets,
+)
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -402,21 +411,39 @@ def activation_memory(net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict[str, f
     return memory
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` items, one per repeat, cycled (Williams' design): over a cycle each
+    item runs in every position equally often and directly after every other item equally
+    often (``n`` orders for even ``n``, ``2n`` for odd), so that what one call leaves behind
+    (caches, allocator, clock) favours no item over another."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(i + shift) % n for i in first] for shift in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, device: torch.device
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per call of every function, interleaved: each repeat runs every function once,
-    starting one further down the list each time, every other repeat in reverse order (so no
-    function always runs first or always follows the same one). Returns the post-warm-up
-    times and, on CUDA, each function's peak memory over its post-warm-up calls, above what
-    was allocated before the call (MiB)."""
+    in the :func:`balanced_orders` of the repeat, after one untimed call of its first
+    function (so every repeat's first call follows a call of itself, and no function's
+    first call follows one particular other, as it would after the previous repeat's last
+    call). Returns the post-warm-up times and, on CUDA, each function's peak memory over its
+    post-warm-up calls, above what was allocated before the call (MiB)."""
     names = list(fns)
+    orders = balanced_orders(len(names))
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {}
     for r in range(warmup + repeats):
-        shift = r % len(names)
-        order = names[shift:] + names[:shift]
-        for name in order[::-1] if r % 2 else order:
+        order = [names[i] for i in orders[r % len(orders)]]
+        fns[order[0]]()
+        for name in order:
             if device.type == "cuda":
                 synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -470,14 +497,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", help="take the model and input from this experiment")
     parser.add_argument("--arch", help="full-net architecture (default cifar_resnet56)")
     parser.add_argument(
-        "--subnets", type=json.loads, help='sub-net depths as JSON (default "[[7,7,7],[5,5,5]]")'
+        "--subnets", type=subnets, help='sub-net depths as JSON (default "[[7,7,7],[5,5,5]]")'
     )
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, help="default: the architecture's")
-    parser.add_argument("--num-classes", type=int, help="default: the architecture's")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--image-size", type=at_least(1), help="default: the architecture's")
+    parser.add_argument("--num-classes", type=at_least(2), help="default: the architecture's")
+    parser.add_argument("--repeats", type=at_least(1), default=7, help="timed repeats of each mode")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed repeats first")
+    add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bf16-mixed)")
     parser.add_argument(
         "--channels-last", action="store_true", help="NHWC weights and inputs (channels_last)"
@@ -507,17 +534,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         try:
             settings |= experiment_settings(args.experiment)
         except Exception as exc:  # Hydra's missing-config error names the available options
-            parser.error(f"cannot compose experiment={args.experiment}: {exc}")
+            reason = str(exc).strip().splitlines()[0]
+            parser.error(f"cannot compose experiment={args.experiment}: {reason}")
     for key in ("arch", "subnets", "image_size", "num_classes"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if settings["arch"] not in ARCHS:
         parser.error(f"unknown --arch {settings['arch']!r}; choose one of {sorted(ARCHS)}")
     spec = ARCHS[settings["arch"]]
-    settings["image_size"] = settings["image_size"] or spec.image_size
-    settings["num_classes"] = settings["num_classes"] or spec.num_classes
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    for key in ("image_size", "num_classes"):
+        if settings[key] is None:
+            settings[key] = getattr(spec, key)
+    check_device(parser, args)
     args.settings = settings
     return args
 
@@ -786,4 +814,4 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
 
 
 if __name__ == "__main__":
-    main()
+    reports_user_errors(main)()

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from settings import add_device_argument, at_least, check_device, reports_user_errors, subnets
 from torch import Tensor
 
 from ekd_ddnn.callbacks import LossProgressBar
@@ -172,15 +173,17 @@ def evaluate_reduce_overhead(args: argparse.Namespace, device: torch.device) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_argument(parser, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="cifar_resnet20")
-    parser.add_argument("--subnets", type=json.loads, default=[[2, 2, 2], [1, 1, 1]])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--subnets", type=subnets, default=[[2, 2, 2], [1, 1, 1]])
+    parser.add_argument("--batch-size", type=at_least(1), default=128)
+    parser.add_argument("--image-size", type=at_least(1), default=32)
+    parser.add_argument("--steps", type=at_least(2), default=25, help="steps (2 onwards counted)")
+    parser.add_argument("--log-every", type=at_least(1), default=10)
     parser.add_argument("--reduce-overhead", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_device(parser, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -201,4 +204,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    reports_user_errors(main)()

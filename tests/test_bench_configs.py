@@ -7,9 +7,11 @@ loss and gradients from the same weights, which is what these tests pin down.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import importlib
+import itertools
 import json
 import subprocess
 import sys
@@ -176,16 +178,22 @@ def test_loss_ab_bench_reads_a_loss_file_and_runs_bf16_channels_last(loss_ab) ->
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("# notes\n1st line\n", r"is not a losses.py that imports: invalid decimal literal"),
-        ("import no_such_module_here\n", r"is not a losses.py that imports: No module named"),
-        ("x = 1\n", r"has no EKDLoss: not an ekd_ddnn losses.py$"),
+        ("# notes\n1st line\n", r"is not a losses.py that imports: SyntaxError: invalid decimal"),
+        ("import no_such_module_here\n", r"is not a losses.py that imports: ModuleNotFoundError"),
+        ("x = 1 / 0\n", r"is not a losses.py that imports: ZeroDivisionError: division by zero$"),
+        ("x = 1\n", r"has no EKDLoss with terms\(\): not an ekd_ddnn losses.py$"),
+        (
+            "class EKDLoss:\n    pass\n",
+            r"has no EKDLoss with terms\(\): not an ekd_ddnn losses.py$",
+        ),
+        (None, r"is a directory; pass a losses.py or a git revision$"),
     ],
 )
 def test_loss_ab_bench_refuses_a_file_that_is_no_loss(loss_ab, tmp_path, text, message) -> None:
-    """A file given as the other loss that does not import, or has no EKDLoss, is refused in
-    one line before anything is built or timed."""
+    """A path given as the other loss that is a directory, does not import, or has no
+    EKDLoss with ``terms``, is refused in one line before anything is built or timed."""
     path = tmp_path / "other.py"
-    path.write_text(text)
+    path.mkdir() if text is None else path.write_text(text)
     with pytest.raises(SystemExit, match=rf"^error: {path} {message}"):
         loss_ab.main(["--against", str(path), "--batch-size", "2", "--image-size", "4"])
 
@@ -197,3 +205,115 @@ def test_loss_ab_bench_refuses_losses_that_differ(loss_ab, monkeypatch) -> None:
     monkeypatch.setattr(loss_ab, "losses_at", lambda revision: other)
     with pytest.raises(SystemExit, match=r"^error: the EKD loss at HEAD and now differ \("):
         loss_ab.main(["--against", "HEAD", "--batch-size", "2", "--image-size", "4"])
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_balance_positions_and_predecessors(step_cost, n) -> None:
+    """Over a cycle of orders every item runs in every position equally often and directly
+    after every other item equally often."""
+    orders = step_cost.balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    positions = {(order[p], p) for order in orders for p in range(n)}
+    assert len(positions) == n * n
+    pairs = [(a, b) for order in orders for a, b in itertools.pairwise(order)]
+    assert sorted(set(pairs)) == [(a, b) for a in range(n) for b in range(n) if a != b]
+    assert len(pairs) == len(set(pairs)) * (1 if n % 2 == 0 else 2) or n == 1
+
+
+def test_time_interleaved_calls_follow_every_function_equally_often(step_cost) -> None:
+    """In ``time_interleaved`` each timed call's predecessor (the call just before it,
+    across repeats too) is every other function equally often, or itself: the order effects
+    that favoured a loss listed first by 2-4 % (``loss_ab.py`` against itself) cancel."""
+    calls: list[str] = []
+    fns = {name: functools.partial(calls.append, name) for name in "abc"}
+    times, _ = step_cost.time_interleaved(fns, repeats=6, warmup=0, device=torch.device("cpu"))
+    assert {len(t) for t in times.values()} == {6}
+    # every repeat is an untimed call, then the timed calls in the repeat's order
+    timed = [i for i in range(len(calls)) if i % 4]
+    before = collections.Counter((calls[i - 1], calls[i]) for i in timed)
+    assert set(before.values()) == {2}
+    assert len(before) == 9  # 6 ordered pairs and 3 of a function after itself
+
+
+COUNT = "must be an integer >= {}, got '{}'"
+BAD_ARGUMENTS = [
+    ("step_cost", ["--batch-size", "0"], "argument --batch-size: " + COUNT.format(1, 0)),
+    ("step_cost", ["--threads", "-3"], "argument --threads: " + COUNT.format(0, -3)),
+    (
+        "step_cost",
+        ["--subnets", "[]"],
+        "argument --subnets: must be a JSON list of one or more block lists, e.g. "
+        "'[[2,2,2],[1,1,1]]', got '[]'",
+    ),
+    (
+        "step_cost",
+        ["--experiment", "nope"],
+        "cannot compose experiment=nope: In 'train': Could not find 'experiment/nope'",
+    ),
+    ("loss_ab", ["--against", "HEAD", "--rounds", "0"], "argument --rounds: " + COUNT.format(1, 0)),
+    (
+        "syncs",
+        ["--device", "cpu", "--log-every", "0"],
+        "argument --log-every: " + COUNT.format(1, 0),
+    ),
+    ("data_on_device", ["--workers", "-1"], "argument --workers: " + COUNT.format(0, -1)),
+    (
+        "overhead",
+        ["--parts", "lightning,resnt50"],
+        "unknown --parts resnt50; choose from lightning,resnet50,data",
+    ),
+    (
+        "overhead",
+        ["--parts", "lightning", "--steps", "5", "--warmup", "4"],
+        "--steps 5 leaves no timed step after --warmup 4",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "argv", "message"), BAD_ARGUMENTS)
+def test_bench_arguments_are_refused_in_one_line(name, argv, message, capsys) -> None:
+    """Counts below what a bench can time with, a malformed sub-net list, an unknown
+    experiment or part: argparse's one line and exit status 2, before anything runs."""
+    with pytest.raises(SystemExit) as info:
+        _bench(name).parse_args(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].split(": error: ", 1)[1] == message
+
+
+def test_bench_user_errors_are_one_line(step_cost, capsys) -> None:
+    """A mistake the library words for the user (a sub-net deeper than the network) ends a
+    bench in that one line and exit status 2, not in a traceback."""
+    settings = _bench("settings")
+    argv = ["--arch", "cifar_resnet20", "--subnets", "[[4,4,4]]", "--memory-only"]
+    with pytest.raises(SystemExit) as info:
+        settings.reports_user_errors(step_cost.main)([*argv, "--batch-size", "2"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: depth [4, 4, 4]: stage 1 has 4 blocks; each stage keeps between 1 and the "
+        "full-net's count [1..3, 1..3, 1..3]"
+    ]
+
+
+def test_gpu_suite_refuses_bad_calls_and_reports_failed_parts(tmp_path) -> None:
+    """``bench/gpu_suite.sh`` without OUT, or with an unknown part, runs nothing (exit 2,
+    one line); a part whose bench fails (the layouts part against a revision that does not
+    exist) makes the suite's exit status 1, with its status line in OUT/summary.txt."""
+    suite = ["bash", str(BENCH / "gpu_suite.sh")]
+    env = {"PATH": "/usr/bin:/bin", "SMOKE": "1", "PYTHON": sys.executable}
+    usage = subprocess.run(suite, capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: bench/gpu_suite.sh OUT")
+    out = tmp_path / "out"
+    unknown = subprocess.run([*suite, str(out), "env", "bogus"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and not out.exists()
+    assert unknown.stderr.splitlines() == [
+        "error: unknown part 'bogus'; choose from env r56 r50 r56_compile r50_compile "
+        "lightning syncs data train_r50 train_cifar layouts"
+    ]
+    env["AGAINST"] = "no-such-revision"
+    failed = subprocess.run([*suite, str(out), "layouts"], capture_output=True, text=True, env=env)
+    assert failed.returncode == 1
+    header, status = (out / "summary.txt").read_text().splitlines()
+    assert header.startswith("# ") and header.endswith(" layouts")
+    assert status.startswith("layouts: rc 1 in ")
+    log = (out / "layouts.log").read_text()
+    assert log.count("error: no src/ekd_ddnn/losses.py at revision 'no-such-revision'") == 2

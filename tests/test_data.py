@@ -1042,7 +1042,8 @@ def test_loader_worker_settings(monkeypatch):
     where batches go to a CUDA device: the trainer's, else any there is (elsewhere the
     DataLoader would warn on every run or pin for nothing: the cifar and imagenet configs
     pin)."""
-    cpu, cuda = (SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(t)))
+    cpu, cuda = (SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(t)),
+                                 global_rank=0, world_size=1)
                  for t in ("cpu", "cuda"))  # fmt: skip
     for has_cuda, trainer, pinned in (
         (True, None, True),
