@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ekd_ddnn.errors import InvalidDepthError, UserError
-from ekd_ddnn.models import build_net, count_macs, count_params, list_archs
+from ekd_ddnn.models import ARCHS, build_net, count_macs, count_params, list_archs
 
 # DESIGN section 2 / the paper's Table 2: ResNet-50 sub-nets as standalone nets (params, M).
 TABLE2 = {
@@ -533,3 +533,36 @@ def test_build_net_compile_flag():
         "model.compile_mode must be one of default, max-autotune-no-cudagraphs, "
         "reduce-overhead, got 'fast'"
     )
+
+
+@pytest.mark.parametrize(
+    ("arch", "image_size", "batch_size", "refused"),
+    [
+        ("cifar_resnet20", 8, 2, None),
+        ("resnet18", 32, 2, None),
+        ("cifar_vgg11", 32, 2, None),
+        ("cifar_vgg11", 2, 2, "Output size is too small"),  # its poolings shrink 2x2 to 0x0
+        ("resnet18", 32, 1, "Expected more than 1 value per channel when training"),  # 1x1
+    ],
+)
+def test_check_input_refuses_what_the_net_cannot_train_on(arch, image_size, batch_size, refused):
+    """``check_input`` runs the full-net on the meta device: a batch it can train on passes,
+    one its stages shrink to nothing or whose 1x1 maps give BatchNorm a single value per
+    channel is one line; either way weights, statistics and mode are as before."""
+    net = build_net(arch, subnets=[[1] * len(ARCHS[arch].blocks)], image_size=image_size)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    if refused is None:
+        net.check_input(batch_size)
+    else:
+        with pytest.raises(UserError) as info:
+            net.check_input(batch_size)
+        message = str(info.value)
+        assert message.startswith(
+            f"{net.name_of(net.full_depth)} cannot train on batches of {batch_size} images of "
+            f"{image_size}x{image_size}: "
+        )
+        assert refused in message and "\n" not in message
+        assert message.endswith("; use a larger data.image_size or data.batch_size")
+    assert not net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

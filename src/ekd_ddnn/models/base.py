@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ekd_ddnn.errors import InvalidDepthError
+from ekd_ddnn.errors import InvalidDepthError, UserError
 from ekd_ddnn.models.bn_stats import BN_STATS, DepthBNStats, is_private_key, stat_key, strip_private
 
 Depth = tuple[int, ...]
@@ -268,6 +268,33 @@ class DepthDynamicNet(nn.Module):
                     f"between 1 and the full-net's count [{valid}]"
                 )
         return depth
+
+    def check_input(self, batch_size: int) -> None:
+        """Refuse, in one line, training batches the net cannot take: an image size
+        (``config["image_size"]``) its stages shrink to nothing, or a batch whose smallest
+        maps give BatchNorm one value per channel. A training forward of the full-net (every
+        depth has its stages' sizes) on the meta device: shapes only, no arithmetic, the net
+        and its statistics untouched."""
+        size, channels = self.config["image_size"], self.config["in_channels"]
+        tensors = itertools.chain(self.named_parameters(), self.named_buffers())
+        state = {name: t.to("meta") for name, t in tensors}
+        x = torch.empty(batch_size, channels, size, size, device="meta")
+        training = self.training
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                self.train()
+                torch.func.functional_call(self, state, (x,), strict=True)
+        except UserError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise UserError(
+                f"{self.name_of(self.full_depth)} cannot train on batches of {batch_size} "
+                f"images of {size}x{size}: {reason}; use a larger data.image_size or "
+                "data.batch_size"
+            ) from None
+        finally:
+            self.train(training)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor, blocks: Sequence[int] | None = None) -> NetOutput:
