@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             image_size=args.image_size,
             channels_last=args.channels_last,
         ).to(device)
+        net.check_input(args.batch_size)
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

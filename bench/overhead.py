@@ -111,6 +111,7 @@ def bench_lightning(
     torch.manual_seed(0)
     on = torch.device(device)
     net = build_net(arch, subnets=subnets, image_size=image_size, channels_last=channels_last)
+    net.check_input(batch_size)
     classes = net.config["num_classes"]
     data = make_synthetic(steps * batch_size, classes, 3, image_size, seed=0)  # one epoch
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=True)

@@ -601,6 +601,7 @@ def _run(args: argparse.Namespace) -> dict:
         bn_stats=s["bn_stats"],
         channels_last=args.channels_last,
     ).to(device)
+    net.check_input(args.batch_size)  # an image size or batch the net cannot train on: one line
     shape = (args.batch_size, s["in_channels"], s["image_size"], s["image_size"])
     x = torch.randn(shape, device=device)
     if args.channels_last:

@@ -102,6 +102,7 @@ def count_syncs(args: argparse.Namespace, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     net = build_net(args.arch, subnets=args.subnets, image_size=args.image_size, channels_last=cuda)
+    net.check_input(args.batch_size)
     data = SyntheticDataModule(
         image_size=args.image_size,
         num_train=args.batch_size * args.steps,

@@ -563,6 +563,6 @@ def test_check_input_refuses_what_the_net_cannot_train_on(arch, image_size, batc
             f"{image_size}x{image_size}: "
         )
         assert refused in message and "\n" not in message
-        assert message.endswith("; use a larger data.image_size or data.batch_size")
+        assert message.endswith("; use larger images or batches (data.image_size, data.batch_size)")
     assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -415,7 +415,7 @@ CATALOGUE = [
         "train",
         ["data=synthetic", "data.image_size=2", "model=cifar_vgg11", "model.subnets=[[1,1,1,1,1]]"],
         1,
-        "vgg11 cannot train on batches of 32 images of 2x2: Given input size: (128x1x1). Calculated output size: (128x0x0). Output size is too small; use a larger data.image_size or data.batch_size",
+        "vgg11 cannot train on batches of 32 images of 2x2: Given input size: (128x1x1). Calculated output size: (128x0x0). Output size is too small; use larger images or batches (data.image_size, data.batch_size)",
     ),
     (
         "train",
@@ -427,7 +427,7 @@ CATALOGUE = [
             "data.batch_size=1",
         ],
         1,
-        "resnet50 cannot train on batches of 1 images of 4x4: Expected more than 1 value per channel when training, got input size torch.Size([1, 64, 1, 1]); use a larger data.image_size or data.batch_size",
+        "resnet50 cannot train on batches of 1 images of 4x4: Expected more than 1 value per channel when training, got input size torch.Size([1, 64, 1, 1]); use larger images or batches (data.image_size, data.batch_size)",
     ),
     (
         "train",

@@ -290,8 +290,8 @@ class DepthDynamicNet(nn.Module):
             reason = str(exc).strip().splitlines()[0]
             raise UserError(
                 f"{self.name_of(self.full_depth)} cannot train on batches of {batch_size} "
-                f"images of {size}x{size}: {reason}; use a larger data.image_size or "
-                "data.batch_size"
+                f"images of {size}x{size}: {reason}; use larger images or batches "
+                "(data.image_size, data.batch_size)"
             ) from None
         finally:
             self.train(training)
