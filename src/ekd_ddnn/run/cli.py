@@ -113,6 +113,18 @@ def _rank() -> int:
     return getattr(rank_zero_only, "rank", 0) or 0
 
 
+def _folders(root: Path) -> set[Path]:
+    """Every folder under ``root``."""
+    return {p for p in root.rglob("*") if p.is_dir()}
+
+
+def _remove_empty_folders(folders: set[Path]) -> None:
+    """Remove those of ``folders`` that are empty, deepest first."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty: something was written there
+            folder.rmdir()
+
+
 def command(
     check: Callable[[DictConfig], None] | None = None, *, run_dir: bool = True
 ) -> Callable[[Callable[[DictConfig], T]], Callable[[DictConfig], T]]:
@@ -144,6 +156,7 @@ def command(
                         f"resume={out}, or choose another hydra.run.dir"
                     )
                 output = run_output(out)
+                folders = _folders(out)
                 record = write_record(cfg, out, resumed=resumed)
                 try:
                     return fn(cfg)
@@ -155,6 +168,7 @@ def command(
                         and run_output(out) == output  # refused before it wrote anything
                     ):
                         shutil.rmtree(record, ignore_errors=True)
+                        _remove_empty_folders(_folders(out) - folders)  # a logger's, say
                     raise
 
         return wrapper
