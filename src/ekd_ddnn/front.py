@@ -27,6 +27,7 @@ from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.module import EKDModule
 from ekd_ddnn.results import add_errors, depth_rows, is_finite_number
 from ekd_ddnn.run.checkpoint import data_config
+from ekd_ddnn.run.trainer import trainer_settings_errors
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,8 @@ def evaluate_depths(
         module = EKDModule(part, EKDLoss(mode="ddnn", w=0.0, a=0.0))
         trainer = make_trainer(enable_progress_bar=len(chunks) == 1)
         run = trainer.test if split == "test" else trainer.validate
-        run(module, datamodule=datamodule, verbose=False)
+        with trainer_settings_errors("cannot evaluate"):
+            run(module, datamodule=datamodule, verbose=False)
         values = {key: float(v) for key, v in trainer.callback_metrics.items()}
         for depth, name in zip(part.depths, module.names, strict=True):
             metrics[depth] = {

@@ -146,7 +146,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.get("test"):
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
             evaluate = trainer.test if split == "test" else trainer.validate
-            evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+            with trainer_settings_errors("cannot evaluate"):
+                evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
         if trainer.is_global_zero:
