@@ -566,3 +566,17 @@ def test_check_input_refuses_what_the_net_cannot_train_on(arch, image_size, batc
         assert message.endswith("; use larger images or batches (data.image_size, data.batch_size)")
     assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_check_input_leaves_other_errors_to_the_net():
+    """Only torch's refusals of an input too small for a layer become the one-line error: a
+    failure on the meta device that the batch or image size cannot change (an op without a
+    meta kernel) skips the check, so a net that trains is never refused by it."""
+    net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8)
+
+    def no_meta_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::some_op' with arguments from 'Meta'")
+
+    net.forward_depths = no_meta_kernel
+    net.check_input(2)
+    assert net.training

@@ -221,14 +221,39 @@ def test_resume_refuses_changed_training_and_records_allowed_changes(tmp_path):
     results = (run_dir / "results.json").read_bytes()
     ended = run_cli("train", f"resume={run_dir}", "test=false", cwd=tmp_path)
     assert ended.returncode == 1
-    assert ended.stderr.splitlines()[-1] == (
-        "error: the checkpoint had already reached the end of training (trainer.max_epochs=2, "
-        "trainer.max_steps=-1): nothing was trained or measured and the results are "
-        "unchanged; raise trainer.max_epochs to train on, or pass test=true to evaluate the "
-        "best checkpoint"
-    )
+    assert ended.stderr.splitlines()[-1] == FINISHED.format(key="max_epochs", value=2)
     assert (run_dir / "results.json").read_bytes() == results
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir() if p.is_dir()) == ["resume-1"]
+
+
+FINISHED = (
+    "error: the checkpoint had already reached trainer.{key}={value}: nothing was trained or "
+    "measured and results.json, if any, is unchanged; raise trainer.{key} to train on, or "
+    "pass test=true to evaluate the best checkpoint"
+)
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumed_with_validation_every_other_epoch_trains_nothing(tmp_path):
+    """A run validated every other epoch saves ``last.ckpt`` after validation, so resuming
+    it after its last epoch restarts that epoch with no batch left (Lightning still ends the
+    epoch): counted by steps, nothing was trained, and with test=false the command is refused
+    and results.json kept; max_steps reached is named as the limit."""
+    run_dir = tmp_path / "run"
+    every_other = "trainer.check_val_every_n_epoch=2"
+    first = run_cli("train", *RUN, "trainer.max_epochs=2", every_other, f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    results = (run_dir / "results.json").read_bytes()
+    ended = run_cli("train", f"resume={run_dir}", "test=false", cwd=tmp_path)
+    assert ended.returncode == 1
+    assert ended.stderr.splitlines()[-1] == FINISHED.format(key="max_epochs", value=2)
+    steps = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    capped = run_cli(
+        "train", f"resume={run_dir}", "test=false", f"trainer.max_steps={steps}", cwd=tmp_path
+    )
+    assert capped.returncode == 1
+    assert capped.stderr.splitlines()[-1] == FINISHED.format(key="max_steps", value=steps)
+    assert (run_dir / "results.json").read_bytes() == results
 
 
 @pytest.mark.slow

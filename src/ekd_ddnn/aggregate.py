@@ -1,8 +1,8 @@
 """``python -m ekd_ddnn.aggregate <multirun dir>``: one table for a sweep.
 
-Reads every job's ``.hydra/overrides.yaml`` and ``results.json``; writes ``aggregate.json``,
-``aggregate.csv``, ``aggregate.md`` and, where exactly two values were swept,
-``aggregate_heatmap.png`` into the multirun directory.
+Reads every job's overrides (``read_overrides``: those of its latest command) and
+``results.json``; writes ``aggregate.json``, ``aggregate.csv``, ``aggregate.md`` and, where
+exactly two values were swept, ``aggregate_heatmap.png`` into the multirun directory.
 """
 
 from __future__ import annotations

@@ -113,9 +113,9 @@ class EKDModule(L.LightningModule):
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
         # the training loss of the last logging step, for the progress bar
         self.last_logged_loss: float | None = None
-        # training epochs this process ran (0 after a fit that continued a checkpoint which
-        # had already reached the end of training)
-        self.epochs_run = 0
+        # the global step this process's fit started training from (None: the fit trained
+        # nothing, having continued a checkpoint that had already reached the end)
+        self.fit_start_step: int | None = None
 
     def metric_keys(self) -> set[str]:
         """Every key this module logs (what a checkpoint or early-stopping monitor may name)."""
@@ -240,9 +240,11 @@ class EKDModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
 
+    def on_train_start(self) -> None:
+        self.fit_start_step = self.global_step
+
     def on_train_epoch_end(self) -> None:
         self.check_finite()
-        self.epochs_run += 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite()  # a diverged state is never saved: the last finite one stays

@@ -106,12 +106,14 @@ def check_trained(trainer: L.Trainer, module: EKDModule, cfg: DictConfig) -> Non
             "training made no step (check trainer.limit_train_batches and trainer.max_time); "
             "nothing was written"
         )
-    if module.epochs_run == 0 and not cfg.get("test"):
-        limits = ", ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in ("max_epochs", "max_steps"))
+    if module.fit_start_step in (None, trainer.global_step) and not cfg.get("test"):
+        max_steps = cfg.trainer.get("max_steps", -1)
+        by_steps = max_steps not in (None, -1) and trainer.global_step >= max_steps
+        key = "max_steps" if by_steps else "max_epochs"
         raise UserError(
-            f"the checkpoint had already reached the end of training ({limits}): nothing was "
-            "trained or measured and the results are unchanged; raise trainer.max_epochs to "
-            "train on, or pass test=true to evaluate the best checkpoint"
+            f"the checkpoint had already reached trainer.{key}={cfg.trainer.get(key)}: nothing "
+            "was trained or measured and results.json, if any, is unchanged; raise "
+            f"trainer.{key} to train on, or pass test=true to evaluate the best checkpoint"
         )
 
 

@@ -115,7 +115,8 @@ class ImageDataModule(L.LightningDataModule):
                 trainer.global_rank,
                 trainer.world_size,
             )
-        self._check_batches(len(self.train_set), world_size)
+        if trainer is not None and trainer.state.fn == "fit":
+            self._check_batches(len(self.train_set), world_size)
         if not self.on_device:
             return self._loader(self.train_set, train=True)
         images, labels, augmentation = self.device_split()
@@ -127,8 +128,9 @@ class ImageDataModule(L.LightningDataModule):
         return DeviceBatches(images, labels, draws, batch_size=self.batch_size, device=device)
 
     def _check_batches(self, num_images: int, world_size: int) -> None:
-        """Refuse a training split that gives a rank no full batch: the last incomplete batch
-        is dropped, so such a run would make no training step and report an untrained net.
+        """Refuse, while fitting, a training split that gives a rank no full batch: the last
+        incomplete batch is dropped, so such a run would make no training step and report
+        an untrained net (BatchNorm recalibration reads the loader too, and says so itself).
         A rank's share: ``num_images // world_size`` on the device (equal shards), rounded
         up by the DataLoader's distributed sampler (it repeats images to equal shards)."""
         per_rank = num_images // world_size if self.on_device else -(-num_images // world_size)
@@ -137,9 +139,13 @@ class ImageDataModule(L.LightningDataModule):
         split = f"{num_images} training images"
         if world_size > 1:
             split += f", {per_rank} per rank on {world_size} ranks,"
+        fix = (
+            f"lower data.batch_size to at most {per_rank} or train on more images"
+            if per_rank
+            else "train on more images or on fewer ranks"
+        )
         raise UserError(
-            f"{split} make no batch of data.batch_size={self.batch_size}: no training step; "
-            f"lower data.batch_size to at most {max(per_rank, 1)} or train on more images"
+            f"{split} make no batch of data.batch_size={self.batch_size}: no training step; {fix}"
         )
 
     def val_dataloader(self) -> DataLoader:

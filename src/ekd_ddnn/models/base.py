@@ -23,6 +23,13 @@ from ekd_ddnn.errors import InvalidDepthError, UserError
 from ekd_ddnn.models.bn_stats import BN_STATS, DepthBNStats, is_private_key, stat_key, strip_private
 
 Depth = tuple[int, ...]
+# torch's refusals of an input too small for a layer (pooling or convolution output below
+# 1x1, BatchNorm in training with one value per channel)
+_TOO_SMALL = (
+    "Output size is too small",
+    "Kernel size can't be greater than actual input size",
+    "Expected more than 1 value per channel when training",
+)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
 
@@ -274,7 +281,7 @@ class DepthDynamicNet(nn.Module):
         (``config["image_size"]``) its stages shrink to nothing, or a batch whose smallest
         maps give BatchNorm one value per channel. A training forward of the full-net (every
         depth has its stages' sizes) on the meta device: shapes only, no arithmetic, the net
-        and its statistics untouched."""
+        and its statistics untouched. Any other failure there skips the check."""
         size, channels = self.config["image_size"], self.config["in_channels"]
         tensors = itertools.chain(self.named_parameters(), self.named_buffers())
         state = {name: t.to("meta") for name, t in tensors}
@@ -284,10 +291,12 @@ class DepthDynamicNet(nn.Module):
             with torch.compiler.set_stance("force_eager"):
                 self.train()
                 torch.func.functional_call(self, state, (x,), strict=True)
-        except UserError:
-            raise
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0]
+            if isinstance(exc, UserError):
+                raise
+            if not any(s in reason for s in _TOO_SMALL):
+                return  # not a size (an op with no meta kernel, ...): the real forward decides
             raise UserError(
                 f"{self.name_of(self.full_depth)} cannot train on batches of {batch_size} "
                 f"images of {size}x{size}: {reason}; use larger images or batches "

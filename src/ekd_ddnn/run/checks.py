@@ -176,7 +176,8 @@ def check_trainer(trainer: DictConfig, *, allow_cpu_oversubscription: bool = Fal
         raise UserError(
             "trainer.max_epochs=-1 with trainer.max_steps=-1 never stops; set one of them"
         )
-    # counts Lightning takes as given and divides by (a 0 fails mid-run in a traceback)
+    # counts that must be positive: Lightning divides by the first, the module's logging
+    # schedule by the second (a 0 fails mid-run in a traceback)
     for key in ("accumulate_grad_batches", "log_every_n_steps"):
         if trainer.get(key) is not None:
             check_integer(trainer.get(key), f"trainer.{key}", minimum=1)

@@ -114,8 +114,9 @@ def _rank() -> int:
 
 
 def _folders(root: Path) -> set[Path]:
-    """Every folder under ``root``."""
-    return {p for p in root.rglob("*") if p.is_dir()}
+    """The folders one and two levels under ``root`` (where loggers make theirs, e.g.
+    ``csv/version_0``): a shallow look, as a run directory may hold a large tree."""
+    return {p for pattern in ("*", "*/*") for p in root.glob(pattern) if p.is_dir()}
 
 
 def _remove_empty_folders(folders: set[Path]) -> None:

@@ -17,10 +17,13 @@ from ekd_ddnn.run.checkpoint_io import SafeCheckpointIO
 
 
 @contextlib.contextmanager
-def trainer_settings_errors(what: str, *, value_errors: bool = False) -> Iterator[None]:
-    """Lightning's refusals of the trainer's settings (``MisconfigurationException``, and
-    while the Trainer is built its ``ValueError``s) as one-line user errors: a setting that
-    does not fit the machine or the data (``limit_train_batches`` below one batch, ...)."""
+def trainer_settings_errors(
+    what: str, *, value_errors: bool = False, hint: str = ""
+) -> Iterator[None]:
+    """Lightning's refusals of a setting (``MisconfigurationException``, and with
+    ``value_errors`` its ``ValueError``s) as one-line user errors ``<what>: <reason><hint>``:
+    a setting that does not fit the machine or the data (``limit_train_batches`` below one
+    batch, ...)."""
     try:
         yield
     except Exception as exc:
@@ -29,7 +32,7 @@ def trainer_settings_errors(what: str, *, value_errors: bool = False) -> Iterato
             value_errors and isinstance(cause, ValueError)
         ):
             reason = str(cause).strip().splitlines()[0]
-            raise UserError(f"{what}: {reason}; check trainer.*") from None
+            raise UserError(f"{what}: {reason}{hint}") from None
         raise
 
 
@@ -40,5 +43,8 @@ def build_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> L.Trainer:
         precision = trainer_cfg.pop("float32_matmul_precision", None)
     if precision is not None:  # TF32 on Ampere and later GPUs (`high`); no effect on a CPU
         torch.set_float32_matmul_precision(precision)
-    with trainer_settings_errors("cannot set up the trainer", value_errors=True):
+    setup = trainer_settings_errors(
+        "cannot set up the trainer", value_errors=True, hint="; check trainer.*"
+    )
+    with setup:
         return instantiate(trainer_cfg, plugins=[SafeCheckpointIO()], **kwargs)
