@@ -44,7 +44,6 @@ from settings import (
     at_least,
     bench_threads,
     check_device,
-    reports_user_errors,
 )
 from step_cost import ekd_step, make_sgd, paired_ratios, time_interleaved
 from torch import Tensor
@@ -53,6 +52,7 @@ from ekd_ddnn.data import CIFARDataModule
 from ekd_ddnn.data.device import DeviceBatches, EpochDraws
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import build_net
+from ekd_ddnn.run.cli import report_user_errors
 from ekd_ddnn.timing import synchronize
 
 Batch = tuple[Tensor, Tensor]
@@ -217,4 +217,4 @@ def _run(args: argparse.Namespace, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    reports_user_errors(main)()
+    report_user_errors(main)()  # the library's refusals: one line, as the commands

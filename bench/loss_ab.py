@@ -39,7 +39,6 @@ from settings import (
     at_least,
     bench_threads,
     check_device,
-    reports_user_errors,
     subnets,
 )
 from step_cost import fixed_outputs, leaves, time_interleaved
@@ -47,6 +46,7 @@ from torch import Tensor
 
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import build_net
+from ekd_ddnn.run.cli import report_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = "src/ekd_ddnn/losses.py"
@@ -203,4 +203,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    reports_user_errors(main)()
+    report_user_errors(main)()  # the library's refusals: one line, as the commands

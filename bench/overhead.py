@@ -38,7 +38,6 @@ from settings import (
     at_least,
     bench_threads,
     check_device,
-    reports_user_errors,
     subnets,
 )
 from step_cost import balanced_orders
@@ -50,6 +49,7 @@ from ekd_ddnn.data.synthetic import make_synthetic
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet, build_net
 from ekd_ddnn.models.imagenet_resnet import to_torchvision_state_dict
+from ekd_ddnn.run.cli import report_user_errors
 
 SGD = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
@@ -443,4 +443,4 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    reports_user_errors(main)()
+    report_user_errors(main)()  # the library's refusals: one line, as the commands

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
-import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import torch
-
-from ekd_ddnn.errors import find_user_error
-
-T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -85,22 +78,3 @@ def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     """Refuse ``--device cuda`` without a CUDA device, in argparse's one line."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-
-
-def reports_user_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """A bench's entry point where a mistake the library phrases for the user (an unknown
-    architecture, a sub-net deeper than the network, ...) ends in its one ``error:`` line and
-    exit status 2, as argparse's own refusals do, rather than in a traceback."""
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except Exception as exc:
-            error = find_user_error(exc)
-            if error is None:
-                raise
-            print(f"error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper

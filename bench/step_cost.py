@@ -43,7 +43,6 @@ from settings import (
     at_least,
     bench_threads,
     check_device,
-    reports_user_errors,
     subnets,
 )
 from torch import Tensor, nn
@@ -51,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
+from ekd_ddnn.run.cli import report_user_errors
 from ekd_ddnn.sampling import sample_depths
 from ekd_ddnn.timing import synchronize
 
@@ -815,4 +815,4 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
 
 
 if __name__ == "__main__":
-    reports_user_errors(main)()
+    report_user_errors(main)()  # the library's refusals: one line, as the commands

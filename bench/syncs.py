@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from settings import add_device_argument, at_least, check_device, reports_user_errors, subnets
+from settings import add_device_argument, at_least, check_device, subnets
 from torch import Tensor
 
 from ekd_ddnn.callbacks import LossProgressBar
@@ -37,6 +37,7 @@ from ekd_ddnn.data.synthetic import SyntheticDataModule
 from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import build_net
 from ekd_ddnn.module import EKDModule
+from ekd_ddnn.run.cli import report_user_errors
 
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -205,4 +206,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    reports_user_errors(main)()
+    report_user_errors(main)()  # the library's refusals: one line, as the commands
