@@ -1043,7 +1043,7 @@ def test_loader_worker_settings(monkeypatch):
     DataLoader would warn on every run or pin for nothing: the cifar and imagenet configs
     pin)."""
     cpu, cuda = (SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(t)),
-                                 global_rank=0, world_size=1)
+                                 state=SimpleNamespace(fn="fit"), global_rank=0, world_size=1)
                  for t in ("cpu", "cuda"))  # fmt: skip
     for has_cuda, trainer, pinned in (
         (True, None, True),

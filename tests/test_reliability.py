@@ -633,7 +633,7 @@ def read_only_folder(path: Path):
 @pytest.mark.parametrize(("module", "args", "code", "message"), CATALOGUE)
 def test_bad_input_catalogue(module, args, code, message, catalogue_files, tmp_path):
     """Each mistake: its exit code, exactly one 'error:' line on stderr, no traceback, and
-    no run output (results, checkpoints), record (.hydra) or empty folder written."""
+    no run output (results, checkpoints), record (.hydra) or logger folder left."""
     joined = " ".join(args)
     if "{cifar}" in joined and not SHARED_CIFAR.is_dir():
         pytest.skip("../shared/data/cifar10-subset is not beside the repository")
@@ -654,10 +654,10 @@ def test_bad_input_catalogue(module, args, code, message, catalogue_files, tmp_p
     assert errors[0].startswith("error: " + fill(message)), errors[0]
     assert not (run_dir / "results.json").exists() and not list(run_dir.glob("checkpoints/*"))
     # a record only of a run that ran (and diverged), none of one refused before it ran;
-    # of a refused run only its log is left (no empty folder a logger made)
+    # of a refused run only the command's log is left (no folder a logger made)
     assert (run_dir / ".hydra").exists() == message.startswith("training diverged")
     if not message.startswith("training diverged") and run_dir.exists():
-        assert {p.name for p in run_dir.iterdir()} <= {"train.log"}, list(run_dir.iterdir())
+        assert {p.name for p in run_dir.iterdir()} <= {f"{module}.log"}, list(run_dir.iterdir())
     assert not catalogue_files["marker"].exists()  # no code from a file ever ran
 
 

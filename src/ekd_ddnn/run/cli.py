@@ -119,11 +119,12 @@ def _folders(root: Path) -> set[Path]:
     return {p for pattern in ("*", "*/*") for p in root.glob(pattern) if p.is_dir()}
 
 
-def _remove_empty_folders(folders: set[Path]) -> None:
-    """Remove those of ``folders`` that are empty, deepest first."""
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):  # not empty: something was written there
-            folder.rmdir()
+def _remove_folders(folders: set[Path]) -> None:
+    """Remove ``folders`` (those a refused command made in its locked run directory: a
+    logger's, with the hyperparameters it wrote at the start) and what they hold."""
+    for folder in folders:
+        if folder.parent not in folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def command(
@@ -169,7 +170,7 @@ def command(
                         and run_output(out) == output  # refused before it wrote anything
                     ):
                         shutil.rmtree(record, ignore_errors=True)
-                        _remove_empty_folders(_folders(out) - folders)  # a logger's, say
+                        _remove_folders(_folders(out) - folders)
                     raise
 
         return wrapper
