@@ -57,23 +57,21 @@ def losses_at(revision: str) -> ModuleType:
     that path, imported as a module of its own (its imports resolve to today's package)."""
     if Path(revision).is_dir():
         raise SystemExit(f"error: {revision} is a directory; pass a losses.py or a git revision")
-    if Path(revision).is_file():
-        source = Path(revision).read_text()
+    if Path(revision).exists():  # a file (or a device): its bytes; import judges them
+        source = Path(revision).read_bytes()
     else:
         shown = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{revision}:{LOSSES}"],
-            capture_output=True,
-            text=True,
+            ["git", "-C", str(ROOT), "show", f"{revision}:{LOSSES}"], capture_output=True
         )
         if shown.returncode != 0:
             raise SystemExit(
                 f"error: no {LOSSES} at revision {revision!r} (and no such file): "
-                f"{shown.stderr.strip()}"
+                f"{shown.stderr.decode(errors='replace').strip()}"
             )
         source = shown.stdout
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "losses_at_revision.py"
-        path.write_text(source)
+        path.write_bytes(source)
         spec = importlib.util.spec_from_file_location("losses_at_revision", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while defining

@@ -187,13 +187,18 @@ def test_loss_ab_bench_reads_a_loss_file_and_runs_bf16_channels_last(loss_ab) ->
             r"has no EKDLoss with terms\(\): not an ekd_ddnn losses.py$",
         ),
         (None, r"is a directory; pass a losses.py or a git revision$"),
+        (b"\x7fELF\xd0\x00", r"is not a losses.py that imports: SyntaxError: "),
+        (b"", r"has no EKDLoss with terms\(\): not an ekd_ddnn losses.py$"),
     ],
 )
 def test_loss_ab_bench_refuses_a_file_that_is_no_loss(loss_ab, tmp_path, text, message) -> None:
     """A path given as the other loss that is a directory, does not import, or has no
     EKDLoss with ``terms``, is refused in one line before anything is built or timed."""
     path = tmp_path / "other.py"
-    path.mkdir() if text is None else path.write_text(text)
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(SystemExit, match=rf"^error: {path} {message}"):
         loss_ab.main(["--against", str(path), "--batch-size", "2", "--image-size", "4"])
 
