@@ -398,10 +398,10 @@ def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
 def test_loss_first_called_under_inference_mode_still_trains():
     """The loss's cached constants made under ``torch.inference_mode`` (an evaluation) serve
     a later training step: its backward runs."""
-    from ekd_ddnn.losses import _constant, _pixel_weights
+    from ekd_ddnn.losses import _constant, _constants
 
     _constant.cache_clear()  # made afresh below, under inference mode
-    _pixel_weights.cache_clear()
+    _constants.cache_clear()
     logits, feats, y = _float64_outputs(seed=7, k=2)
     loss = EKDLoss(attention_stages="differing")
     with torch.inference_mode():

@@ -15,13 +15,16 @@ full block count after a shared input) adds an identically zero MSE; ``attention
 chooses whether such stages still count in the mean over stages (``all``, the paper's
 formula) or are left out (``differing``).
 
-The cross-entropy goes through autograd; the distillation terms are one
-``torch.autograd.Function`` with a written-out backward (``_Distillation``): a few dozen
-operations per step in all rather than a hundred, for every depth and stage at once.
+With ``ekd`` the whole objective (cross-entropies, KL and attention terms of every depth
+and stage at once) is one ``torch.autograd.Function`` with a written-out backward
+(``_Objective``): one autograd node and about 30 kernel-making operations forward and 26
+backward, rather than a hundred nodes; ``ddnn`` and ``individual`` are six operations of
+autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -33,7 +36,6 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.linalg import vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -196,7 +198,7 @@ class EKDLoss:
 
     def compile(self, **options: Any) -> None:
         """Evaluate the loss through ``torch.compile`` from now on (``model.compile=true``):
-        its ~40 small operations forward and ~30 backward run as one compiled graph each.
+        its ~30 small operations forward and ~26 backward run as one compiled graph each.
 
         Dynamo makes one graph per batch size and per pattern of stage outputs shared between
         the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
@@ -234,66 +236,45 @@ class EKDLoss:
     def _evaluate(
         self, logits: list[Tensor], features: list[list[Tensor]], targets: Tensor
     ) -> EKDTerms:
-        depths = len(logits)
+        depths, batch = len(logits), len(targets)
         if self.mode == "individual" and depths > 1:
             raise ValueError(f"mode 'individual' trains one net, got {depths} outputs")
-        # Every term is computed on the depths stacked along a leading axis, and every constant
-        # factor waits for one weighted sum at the end: a few kernels per loss rather than a
-        # few per depth and term (the GPU step is bound by kernel launches).
-        stacked = torch.stack(logits)  # (D, B, classes)
-        # at least float32 from here on, whatever autocast's lists say (bf16 logits of a
-        # bf16-mixed step): no term and no weighting is rounded to bf16
-        log_probs = F.log_softmax(stacked, dim=-1, dtype=_accumulation(stacked.dtype))
-        picked = log_probs.gather(-1, targets.view(1, -1, 1).expand(depths, -1, 1))
-        log_likelihood = picked.sum(dim=(1, 2))  # -B * CE per depth
-        batch = len(targets)
         ce_scales = (-1.0 / batch,) * depths
-        ce_weights = (-1.0 / batch,) + (-1.0 / (batch * max(depths - 1, 1)),) * (depths - 1)
         if not self.distills:
-            device, dtype = log_likelihood.device, log_likelihood.dtype
-            total = (log_likelihood * _constant(ce_weights, device, dtype)).sum()
+            # the depths stacked along a leading axis: a few kernels, not a few per depth
+            stacked = torch.stack(logits)  # (D, B, classes)
+            # at least float32 from here on, whatever autocast's lists say (bf16 logits of a
+            # bf16-mixed step): no term and no weighting is rounded to bf16
+            log_probs = F.log_softmax(stacked, dim=-1, dtype=_accumulation(stacked.dtype))
+            picked = log_probs.gather(-1, targets.view(1, -1, 1).expand(depths, -1, 1))
+            log_likelihood = picked.sum(dim=(1, 2))  # -B * CE per depth
+            weights = _ce_weights(depths, batch)
+            total = (log_likelihood * _constant(weights, targets.device, log_probs.dtype)).sum()
             return EKDTerms(total, log_likelihood, ce_scales, depths)
-        if self.temperature != 1:
-            log_probs = F.log_softmax(stacked / self.temperature, dim=-1, dtype=log_probs.dtype)
         spatial = tuple(f.shape[2:] for f in features[0])
         plan = _plan(sharing_pattern(features), spatial, self.ensemble, self.attention_stages)
-        pixel_weights = (
-            _pixel_weights(plan.sizes, batch, log_probs.device, log_probs.dtype)
-            if plan.sizes
-            else None
-        )
-        stage_outputs = [features[d][s] for d, s in plan.inputs]
-        distilled = _Distillation.apply(plan, pixel_weights, log_probs, *stage_outputs)
         students = plan.students
-        raw = torch.cat([log_likelihood, distilled])
         kl_scales = (self.temperature**2 / batch,) * students
         mse_scales = tuple(1.0 / count for count in plan.counts)
+        dtype = _accumulation(logits[0].dtype)
+        map_dtype = torch.promote_types(dtype, features[0][0].dtype) if features[0] else dtype
         weights = (
-            ce_weights
+            _ce_weights(depths, batch)
             + tuple(self.w / depths * v for v in kl_scales)
             + tuple(self.a / depths * v for v in mse_scales)
         )
-        total = (raw * _constant(weights, raw.device, raw.dtype)).sum()
+        constants = _constants(
+            plan, weights, self.temperature, batch, targets.device, dtype, map_dtype
+        )
+        stage_outputs = [features[d][s] for d, s in plan.inputs]
+        total, raw = _Objective.apply(constants, targets, *logits, *stage_outputs)
         return EKDTerms(total, raw, ce_scales + kl_scales + mse_scales, depths, students)
 
 
-def _teachers(values: Tensor, ensemble: bool, dim: int) -> Tensor:
-    """The teacher of each student, from ``values`` with one entry per depth along ``dim``
-    (full-net first): the depths' mean for the full-net (the ensemble terms), then the
-    full-net for each sub-net; without the ensemble terms the full-net alone, which
-    broadcasts against the sub-nets' entries."""
-    full = values.narrow(dim, 0, 1)
-    if not ensemble:
-        return full
-    shape = list(values.shape)
-    shape[dim] -= 1
-    return torch.cat([values.mean(dim=dim, keepdim=True), full.expand(shape)], dim=dim)
-
-
-def _students(values: Tensor, ensemble: bool, dim: int) -> Tensor:
-    """The entries of ``values`` along ``dim`` (one per depth) that have a teacher: all, or the
-    sub-nets' alone without the ensemble terms."""
-    return values if ensemble else values.narrow(dim, 1, values.shape[dim] - 1)
+def _ce_weights(depths: int, batch: int) -> tuple[float, ...]:
+    """The weight of each depth's summed target log-probability in the total: the full-net's
+    CE plus the sub-nets' mean CE."""
+    return (-1.0 / batch,) + (-1.0 / (batch * max(depths - 1, 1)),) * (depths - 1)
 
 
 def _accumulation(dtype: torch.dtype) -> torch.dtype:
@@ -317,19 +298,25 @@ def _built_once(build: Callable[..., _T]) -> Callable[..., _T]:
     return get
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Plan:
     """Where the attention terms of one sharing pattern read their maps, and how they sum.
 
-    ``ensemble``: whether the full-net is a student too (of the depths' mean); ``inputs``:
-    the (depth, stage) of each distinct stage output of a computed stage (one where some
-    sub-net's output is not the full-net's); ``rows``: per depth, full-net first, the index
-    in ``inputs`` of its output of each computed stage; ``sizes``: each computed stage's
-    pixels, the stages' order in a depth's row of joined maps; ``counts``: per student, the
-    stages its MSE averages over (``attention_stages``); ``slots``: per input, where its
-    gradient lies in the students' joined maps (B, students, pixels), as the offset of
-    (student, stage start): one place, or more where depths share the output; ``strides``:
-    per input, the strides that broadcast the pixels at a slot over the channels.
+    The channel sums of every computed stage (one where some sub-net's output is not the
+    full-net's) are joined into one (depths, B, ``width``) tensor: per depth and sample,
+    stage after stage, each stage's pixels row-major. ``ensemble``: whether the full-net is
+    a student too (of the depths' mean); ``inputs``: the (depth, stage) of each distinct
+    stage output of a computed stage; ``rows``: per depth, full-net first, the index in
+    ``inputs`` of its output of each computed stage; ``sizes``: each computed stage's
+    pixels; ``counts``: per student, the stages its MSE averages over
+    (``attention_stages``); ``places``: per input, the (depth, stage start) of each place
+    its sums lie in the joined maps (more than one where depths share the output);
+    ``slots``: per input, the (student, stage start) of each place its gradient lies in
+    the students' joined maps; ``strides``: per input, the strides of its (B, H, W) sums in
+    the joined maps.
+
+    Compared and hashed by identity: :func:`_plan` makes one per pattern, and the key of
+    :func:`_constants` is then cheap to hash.
     """
 
     ensemble: bool
@@ -337,13 +324,20 @@ class _Plan:
     rows: tuple[tuple[int, ...], ...]
     sizes: tuple[int, ...]
     counts: tuple[int, ...]
-    slots: tuple[tuple[int, ...], ...]
+    width: int
+    places: tuple[tuple[tuple[int, int], ...], ...]
+    slots: tuple[tuple[tuple[int, int], ...], ...]
     strides: tuple[tuple[int, ...], ...]
 
     @property
     def students(self) -> int:
         """The number of KL (and of MSE) terms."""
         return len(self.counts)
+
+    @property
+    def depths(self) -> int:
+        """The number of depths, full-net first."""
+        return len(self.rows)
 
 
 @_built_once
@@ -370,22 +364,24 @@ def _plan(
         counts = [max(1, len(computed))]
         counts += [max(1, sum(d[s] for s in computed)) for d in differs[1:]]
     counts = counts if ensemble else counts[1:]
-    # the students' joined maps of one sample: student after student, each stage's pixels
-    # contiguous and row-major
     *starts, width = itertools.accumulate(sizes, initial=0)
-    slots: list[list[int]] = [[] for _ in inputs]
-    for k, row in enumerate(rows[len(rows) - len(counts) :]):
+    places: list[list[tuple[int, int]]] = [[] for _ in inputs]
+    slots: list[list[tuple[int, int]]] = [[] for _ in inputs]
+    for d, row in enumerate(rows):
         for i, start in zip(row, starts, strict=True):
-            slots[i].append(k * width + start)
-    strides = [(len(counts) * width, 0, *_contiguous_strides(spatial[s])) for _, s in inputs]
+            places[i].append((d, start))
+            if d >= len(rows) - len(counts):  # a student's
+                slots[i].append((d - len(rows) + len(counts), start))
     return _Plan(
         ensemble,
         tuple(inputs),
         rows,
         sizes,
         tuple(counts),
+        width,
+        tuple(map(tuple, places)),
         tuple(map(tuple, slots)),
-        tuple(strides),
+        tuple((width, *_contiguous_strides(spatial[s])) for _, s in inputs),
     )
 
 
@@ -394,119 +390,250 @@ def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
     return tuple(math.prod(size[d + 1 :]) for d in range(len(size)))
 
 
-class _Distillation(torch.autograd.Function):
-    """The distillation terms' sums, per student: ``B * KL / T^2``, then the attention MSEs
-    summed over the stages, from the log-probabilities (D, B, classes) and the stage outputs
-    a :class:`_Plan` names; the backward is written out.
+@dataclass(frozen=True, eq=False)
+class _Constants:
+    """The constant tensors of one :class:`_Plan`'s loss, in the loss's dtype (``dtype``) or
+    the attention maps' (``map_dtype``), on its device.
 
-    Why not autograd: it replays a backward node for each of the terms' small operations, a
-    kernel launch or more each on a GPU and several microseconds each on a CPU, where the
-    step is bound by such overheads rather than by arithmetic (issue 15). Here the forward
-    works on every stage's maps at once, joined along the pixels of one (B, depths, pixels)
-    tensor, and the backward is the closed form: half the backward operations of autograd
-    (``bench/step_cost.py`` counts them). It equals autograd of the plain formulas, values
-    and gradients (``tests/test_losses.py``). The teachers are constants, so only the
-    student side of each term moves. Once differentiable: no gradient of a gradient.
+    ``weights`` (raw,): each entry of ``EKDTerms.raw``'s weight in the total; ``factors``
+    (raw,): the derivative of each entry's summand by its student-side input, up to the
+    input itself (1 for a target's log-probability, -1 for ``p_teacher * log p_student``, 2
+    for a squared map difference), so that ``weights * factors`` (``coefficients``) times
+    the incoming gradient is all the backward needs of the total; ``teachers`` (students,
+    depths): each student's teacher probabilities as a mix of the depths' (the depths' mean,
+    then the full-net); ``differences`` (students, depths): each student's map minus its
+    teacher's; ``indicator`` (pixels, stages): which computed stage each pixel of a depth's
+    joined maps belongs to, and ``spread``, its transpose, which copies a value per stage
+    onto the stage's pixels; ``pixel_weights`` (pixels,): ``1 / (B * H_s W_s)``, so that a
+    weighted sum of squared differences is the sum of the stage MSEs.
+    """
+
+    plan: _Plan
+    temperature: float
+    dtype: torch.dtype
+    map_dtype: torch.dtype
+    weights: Tensor
+    factors: Tensor
+    coefficients: Tensor
+    teachers: Tensor
+    differences: Tensor
+    indicator: Tensor
+    spread: Tensor
+    pixel_weights: Tensor
+
+
+@_built_once
+def _constants(
+    plan: _Plan,
+    weights: tuple[float, ...],
+    temperature: float,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    map_dtype: torch.dtype,
+) -> _Constants:
+    """The :class:`_Constants` of ``plan`` with the total's ``weights``, built once."""
+    depths, students = plan.depths, plan.students
+    full = [1.0] + [0.0] * (depths - 1)  # the full-net alone
+    teachers = [[1.0 / depths] * depths] + [full] * (depths - 1)
+    differences = [[float(d == k) - v for d, v in enumerate(row)] for k, row in enumerate(teachers)]
+    if not plan.ensemble:  # the full-net is no student
+        teachers, differences = teachers[1:], differences[1:]
+    factors = [1.0] * depths + [-1.0] * students + [2.0] * students
+    eye = torch.eye(len(plan.sizes), dtype=map_dtype, device=device)
+    indicator = torch.cat([eye[s].expand(n, -1) for s, n in enumerate(plan.sizes)] or [eye])
+    pixel_weights = [
+        torch.full((n,), 1.0 / (batch * n), dtype=map_dtype, device=device) for n in plan.sizes
+    ]
+    weights_tensor = torch.tensor(weights, dtype=dtype, device=device)
+    factors_tensor = torch.tensor(factors, dtype=dtype, device=device)
+    return _Constants(
+        plan,
+        temperature,
+        dtype,
+        map_dtype,
+        weights_tensor,
+        factors_tensor,
+        weights_tensor * factors_tensor,
+        torch.tensor(teachers, dtype=dtype, device=device).view(students, depths),
+        torch.tensor(differences, dtype=map_dtype, device=device).view(students, depths),
+        indicator,
+        indicator.t().contiguous(),
+        torch.cat(pixel_weights) if pixel_weights else eye.new_zeros(0),
+    )
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off where it is on: the loss's sums and mixes are matrix products, which
+    autocast would round to bf16."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _Objective(torch.autograd.Function):
+    """The EKD total and its terms' sums (``EKDTerms.raw``) from the depths' logits and the
+    stage outputs a :class:`_Plan` names, as one autograd node with a written-out backward.
+
+    Why not autograd: a node per operation costs several microseconds of host time on a
+    CPU and a kernel launch or more on a GPU, and a step of a small net is bound by such
+    overheads rather than by arithmetic (issue 15). Here every term is computed for all
+    depths at once: the logits stacked (depths, B, classes); every stage's channel sums
+    summed into one (depths * B, pixels) tensor, normalised per stage and mixed into each
+    student's difference from its teacher by small matrix products (``_Constants``); and
+    the backward is the closed form, written for all terms together. It equals autograd of
+    the plain formulas, values and gradients (``tests/test_losses.py``). The teachers are
+    constants, so only the student side of each term moves. Once differentiable: no
+    gradient of a gradient.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any,
-        plan: _Plan,
-        pixel_weights: Tensor | None,
-        log_probs: Tensor,
-        *stage_outputs: Tensor,
-    ) -> Tensor:
-        teacher = _teachers(log_probs.exp(), plan.ensemble, dim=0)
-        student = _students(log_probs, plan.ensemble, dim=0)
-        kl = (torch.special.xlogy(teacher, teacher) - teacher * student).sum(dim=(1, 2))
-        ctx.plan = plan
+    def forward(ctx: Any, constants: _Constants, targets: Tensor, *inputs: Tensor) -> Any:
+        c, plan = constants, constants.plan
+        depths = plan.depths
+        logits, stage_outputs = inputs[:depths], inputs[depths:]
+        ctx.set_materialize_grads(False)
+        ctx.constants = c
+        ctx.logits_dtype = logits[0].dtype
         ctx.stage_outputs = [(f.shape, f.dtype) for f in stage_outputs]
-        if not plan.sizes:
-            ctx.save_for_backward(teacher)
-            return torch.cat([kl, kl.new_zeros(plan.students)])
-        # in the loss's dtype or the maps', the wider (float32 at least: a bf16 map's channel
-        # sums are never rounded to bf16)
-        dtype = torch.promote_types(kl.dtype, stage_outputs[0].dtype)
-        batch = log_probs.shape[1]
-        sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
-        maps = torch.cat([sums[i] for row in plan.rows for i in row], dim=1)
-        maps = maps.view(batch, len(plan.rows), -1)  # (B, depths, every stage's pixels)
-        stages = maps.split(plan.sizes, dim=-1)
-        norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
-        inverse = norms.clamp_min(_EPS).reciprocal_()
-        for m, scale in zip(stages, inverse.unbind(-1), strict=True):
-            m.mul_(scale.unsqueeze(-1))  # F.normalize's arithmetic, per stage
-        diff = _students(maps, plan.ensemble, dim=1) - maps.narrow(1, 0, 1)  # m_k - m_0
-        if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / depths
-            diff.select(1, 0).add_(diff.sum(dim=1), alpha=-1 / len(plan.rows))
-        weighted = diff * pixel_weights
-        mse = (weighted * diff).sum(dim=(0, 2))
-        ctx.save_for_backward(teacher, weighted, maps, inverse, norms)
-        return torch.cat([kl, mse.to(kl.dtype)])
+        with _autocast_off(targets.device.type):
+            stacked = torch.stack(logits)  # (D, B, classes)
+            log_probs = torch.log_softmax(stacked, -1, dtype=c.dtype)
+            index = targets.view(1, -1, 1).expand(depths, -1, 1)
+            log_likelihood = log_probs.gather(-1, index).sum(dim=(1, 2))  # -B * CE per depth
+            probs = soft_probs = log_probs.exp()
+            soft_log_probs = log_probs
+            if c.temperature != 1:
+                soft_log_probs = torch.log_softmax(stacked / c.temperature, -1, dtype=c.dtype)
+                soft_probs = soft_log_probs.exp()
+            teacher = torch.mm(c.teachers, soft_probs.flatten(1)).view(-1, *probs.shape[1:])
+            student = soft_log_probs if plan.ensemble else soft_log_probs[1:]
+            kl = torch.kl_div(student, teacher, 0).sum(dim=(1, 2))  # B * KL / T^2 per student
+            saved = [probs, soft_probs, teacher, index]
+            if plan.sizes:
+                maps = _joined_maps(plan, stage_outputs, c.map_dtype)  # (D * B, pixels)
+                norms = torch.mm(maps * maps, c.indicator)  # squared, per stage
+                scale = torch.mm(norms.clamp_min(_EPS**2).rsqrt_(), c.spread)
+                maps.mul_(scale)  # F.normalize's u / max(|u|, eps), per stage
+                diff = torch.mm(c.differences, maps.view(depths, -1))  # (students, B * pixels)
+                weighted = diff.view(-1, plan.width) * c.pixel_weights
+                mse = (weighted * diff.view_as(weighted)).view(plan.students, -1).sum(dim=1)
+                mse = mse.to(c.dtype)
+                saved += [weighted, maps, scale, norms]
+            else:
+                mse = kl.new_zeros(plan.students)
+            raw = torch.cat([log_likelihood, kl, mse])
+            total = torch.dot(raw, c.weights)
+        ctx.save_for_backward(*saved)
+        return total, raw
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        plan, students = ctx.plan, ctx.plan.students
-        teacher, *saved = ctx.saved_tensors
-        grad_log_probs = None
-        if ctx.needs_input_grad[2]:
-            grad_log_probs = teacher * -grad[:students, None, None]
-            if not plan.ensemble:  # the full-net's row is the sub-nets' teacher only
-                grad_log_probs = F.pad(grad_log_probs, (0, 0, 0, 0, 1, 0))
-        if not plan.sizes or not any(ctx.needs_input_grad[3:]):
-            return None, None, grad_log_probs, *[None] * len(ctx.stage_outputs)
-        weighted, *per_depth = saved
-        maps, inverse, norms = (_students(t, plan.ensemble, dim=1) for t in per_depth)
-        grad_maps = weighted * (2 * grad[students:, None])
-        stages = (grad_maps * maps).split(plan.sizes, dim=-1)
-        along = torch.stack([g.sum(dim=-1) for g in stages], dim=-1)
-        # where a norm was clamped, the map is the sums over the floor: no projection
-        along = along * (norms > _EPS)
-        # now the gradient of the sums: (g - m <g, m>) / |u| per stage
-        for g, m, a, scale in zip(
-            grad_maps.split(plan.sizes, dim=-1),
-            maps.split(plan.sizes, dim=-1),
-            along.unbind(-1),
-            inverse.unbind(-1),
-            strict=True,
-        ):
-            g.addcmul_(m, a.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
-        return None, None, grad_log_probs, *_channel_sum_grads(ctx, grad_maps)
+    def backward(ctx: Any, grad_total: Tensor | None, grad_raw: Tensor | None) -> Any:
+        c, plan = ctx.constants, ctx.constants.plan
+        depths, students = plan.depths, plan.students
+        needs = ctx.needs_input_grad
+        probs, soft_probs, teacher, index, *saved = ctx.saved_tensors
+        with _autocast_off(probs.device.type):
+            coefficients = None if grad_total is None else c.coefficients * grad_total
+            if grad_raw is not None:
+                extra = grad_raw * c.factors
+                coefficients = extra if coefficients is None else coefficients + extra
+            ce, kl, mse = coefficients.split((depths, students, students))
+            logit_grads: Sequence[Tensor | None] = [None] * depths
+            if any(needs[2 : 2 + depths]):
+                grad = _logit_grads(c, probs, soft_probs, teacher, index, ce, kl)
+                logit_grads = grad.to(ctx.logits_dtype).unbind(0)  # bf16 logits: bf16
+            stage_grads: list[Tensor | None] = [None] * len(ctx.stage_outputs)
+            if saved and any(needs[2 + depths :]):
+                stage_grads = _channel_sum_grads(ctx, _map_grads(c, mse, *saved))
+        return None, None, *logit_grads, *stage_grads
+
+
+def _logit_grads(
+    c: _Constants,
+    probs: Tensor,
+    soft_probs: Tensor,
+    teacher: Tensor,
+    index: Tensor,
+    ce: Tensor,
+    kl: Tensor,
+) -> Tensor:
+    """The gradient of the stacked logits (D, B, classes) from the CE and KL terms'
+    coefficients: ``g - p * sum(g)`` through each log-softmax."""
+    grad = teacher * kl.view(-1, 1, 1)  # of the students' (tempered) log-probabilities
+    if not c.plan.ensemble:  # the full-net's row is the sub-nets' teacher only
+        grad = F.pad(grad, (0, 0, 0, 0, 1, 0))
+    targets = ce.view(-1, 1, 1).expand(index.shape)
+    if c.temperature == 1:  # one log-softmax: the CE terms' gradient joins the KL terms'
+        grad.scatter_add_(-1, index, targets)
+        return torch.addcmul(grad, probs, grad.sum(-1, keepdim=True), value=-1)
+    grad = torch.addcmul(grad, soft_probs, grad.sum(-1, keepdim=True), value=-1)
+    grad.div_(c.temperature)  # through logits / T
+    grad.scatter_add_(-1, index, targets)
+    return grad.addcmul_(probs, ce.view(-1, 1, 1), value=-1)
+
+
+def _joined_maps(plan: _Plan, stage_outputs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Every depth's channel sums of every computed stage, summed straight into their places
+    in one (depths * B, pixels) tensor (``_Plan.places``): no copies, no concatenation.
+    Dynamo cannot trace a reduction into a strided ``out=``; a compiled loss concatenates
+    (which inductor fuses)."""
+    batch = stage_outputs[0].shape[0]
+    if torch.compiler.is_compiling():
+        sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
+        return torch.cat([torch.cat([sums[i] for i in row], dim=1) for row in plan.rows])
+    block = batch * plan.width
+    maps = stage_outputs[0].new_empty((plan.depths * batch, plan.width), dtype=dtype)
+    for f, places, strides in zip(stage_outputs, plan.places, plan.strides, strict=True):
+        size = (batch, *f.shape[2:])
+        (depth, start), *copies = places
+        summed = maps.as_strided(size, strides, depth * block + start)
+        torch.sum(f, dim=1, dtype=dtype, out=summed)
+        for depth, start in copies:
+            maps.as_strided(size, strides, depth * block + start).copy_(summed)
+    return maps
+
+
+def _map_grads(
+    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, scale: Tensor, norms: Tensor
+) -> Tensor:
+    """The gradient of the students' joined channel sums (students * B, pixels) from the MSE
+    terms' coefficients: per stage ``(g - m <g, m>) / |u|`` of the normalised maps'
+    gradient ``g``, without the projection where the norm was clamped."""
+    if not c.plan.ensemble:  # the full-net's maps are the teacher's only
+        rows = len(weighted)
+        maps, scale, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, scale, norms))
+    students = c.plan.students
+    grad = (weighted.view(students, -1) * mse.view(-1, 1)).view_as(weighted)
+    along = torch.mm(grad * maps, c.indicator)  # <g, m> per stage
+    along.masked_fill_(norms <= _EPS**2, 0)  # a clamped map is u / eps: no projection
+    return grad.addcmul_(maps, torch.mm(along, c.spread), value=-1).mul_(scale)
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
     """The gradient of each stage output from the gradient of the students' joined maps
-    (B, students, pixels): its pixels' gradients (summed where depths share the output)
+    (students * B, pixels): its pixels' gradients (summed where depths share the output)
     broadcast over the channels, as views where the dtypes agree. ``grad_maps`` is
     contiguous and its storage's own (a fresh product): a pixel's offset is where it lies."""
-    plan = ctx.plan
+    plan = ctx.constants.plan
     grads: list[Tensor | None] = []
-    for i, (slots, strides, (shape, dtype)) in enumerate(
-        zip(plan.slots, plan.strides, ctx.stage_outputs, strict=True)
+    needs = ctx.needs_input_grad[2 + plan.depths :]
+    for slots, strides, (shape, dtype), need in zip(
+        plan.slots, plan.strides, ctx.stage_outputs, needs, strict=True
     ):
-        if not slots or not ctx.needs_input_grad[3 + i]:  # a teacher's alone: a constant
+        if not slots or not need:  # a teacher's alone: a constant
             grads.append(None)
             continue
+        block = shape[0] * plan.width
+        size, broadcast = (shape[0], 1, *shape[2:]), (strides[0], 0, *strides[1:])
         if len(slots) == 1 and dtype == grad_maps.dtype:
-            grads.append(grad_maps.as_strided(shape, strides, slots[0]))
+            ((student, start),) = slots
+            grads.append(grad_maps.as_strided(shape, broadcast, student * block + start))
             continue
-        size = (shape[0], 1, *shape[2:])
-        parts = [grad_maps.as_strided(size, strides, slot) for slot in slots]
+        parts = [grad_maps.as_strided(size, broadcast, k * block + start) for k, start in slots]
         grads.append(functools.reduce(operator.add, parts).to(dtype).expand(shape))
     return grads
-
-
-@_built_once
-def _pixel_weights(
-    sizes: tuple[int, ...], batch: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """``1 / (B * H_s W_s)`` on each pixel of the stages' joined maps (``_Plan.sizes``): a
-    squared difference summed with these weights is the sum over stages of the stage MSEs."""
-    # made on the device: a compiled loss traces this, and a host tensor would be a copy
-    weights = [torch.full((n,), 1.0 / (batch * n), dtype=dtype, device=device) for n in sizes]
-    return torch.cat(weights)
 
 
 @_built_once
