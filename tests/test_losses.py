@@ -395,6 +395,31 @@ def test_stacked_loss_equals_one_depth_at_a_time(kwargs, shared, k):
         torch.testing.assert_close(g, w, **close)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_gradient_of_the_total_and_the_terms_together(temperature, ensemble):
+    """float64: a backward through the total and some terms at once (the Function gets a
+    gradient of both of its outputs) equals the per-depth reference's, every leaf to 1e-6."""
+    logits, feats, y = _float64_outputs(seed=11, k=2)
+    leaves = [*logits, *(f for fs in feats for f in fs)]
+    for t in leaves:
+        t.requires_grad_()
+    loss = EKDLoss(w=0.7, a=30.0, temperature=temperature, ensemble=ensemble)
+    got = loss.terms(logits, feats, y)
+    total, ce, kl, mse = _reference_terms(loss, logits, feats, y)
+    mixed = [
+        got.total + 2 * got.mse[2] - got.kl[1] + 0.5 * got.ce[0],
+        total + 2 * mse[-1] - kl[-2] + 0.5 * ce[0],
+    ]
+    torch.testing.assert_close(mixed[0], mixed[1], rtol=1e-6, atol=1e-12)
+    grads = [torch.autograd.grad(m, leaves, allow_unused=True) for m in mixed]
+    for g, w in zip(*grads, strict=True):
+        if w is None:  # without the ensemble terms nothing moves the full-net's maps
+            assert not ensemble and (g is None or g.abs().max() < 1e-12)
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12)
+
+
 def test_loss_first_called_under_inference_mode_still_trains():
     """The loss's cached constants made under ``torch.inference_mode`` (an evaluation) serve
     a later training step: its backward runs."""
