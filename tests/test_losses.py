@@ -420,6 +420,32 @@ def test_gradient_of_the_total_and_the_terms_together(temperature, ensemble):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_loss_is_exact_whatever_the_float32_matmul_precision(precision):
+    """float32 with ``torch.set_float32_matmul_precision`` below ``highest`` (the GPU
+    configs' ``high`` is TF32 on a GPU; ``medium`` is bf16, on this CPU too): the terms and
+    gradients equal those at ``highest`` to float32 rounding. A float32 matrix product
+    inside the loss would round its operands (a 10-bit or 8-bit mantissa)."""
+    logits, feats, y = _float64_outputs(seed=3, shapes=((8, 16, 16), (16, 8, 8)), batch=16)
+    logits, feats = [t.float() for t in logits], [[f.float() for f in fs] for fs in feats]
+    leaves = [*logits, *(f.requires_grad_() for fs in feats for f in fs)]
+    for t in logits:
+        t.requires_grad_()
+    loss = EKDLoss(w=0.7, a=30.0)
+    want = loss.terms(logits, feats, y)
+    want_grads = torch.autograd.grad(want.total, leaves)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = loss.terms(logits, feats, y)
+        grads = torch.autograd.grad(got.total, leaves)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    torch.testing.assert_close(got.raw, want.raw, rtol=1e-5, atol=1e-7)
+    for g, w in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_first_called_under_inference_mode_still_trains():
     """The loss's cached constants made under ``torch.inference_mode`` (an evaluation) serve
     a later training step: its backward runs."""

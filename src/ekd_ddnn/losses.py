@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.linalg import vecdot, vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -399,13 +400,9 @@ class _Constants:
     (raw,): the derivative of each entry's summand by its student-side input, up to the
     input itself (1 for a target's log-probability, -1 for ``p_teacher * log p_student``, 2
     for a squared map difference), so that ``weights * factors`` (``coefficients``) times
-    the incoming gradient is all the backward needs of the total; ``teachers`` (students,
-    depths): each student's teacher probabilities as a mix of the depths' (the depths' mean,
-    then the full-net); ``differences`` (students, depths): each student's map minus its
-    teacher's; ``indicator`` (pixels, stages): which computed stage each pixel of a depth's
-    joined maps belongs to, and ``spread``, its transpose, which copies a value per stage
-    onto the stage's pixels; ``pixel_weights`` (pixels,): ``1 / (B * H_s W_s)``, so that a
-    weighted sum of squared differences is the sum of the stage MSEs.
+    the incoming gradient is all the backward needs of the total; ``pixel_weights``
+    (pixels,): ``1 / (B * H_s W_s)``, so that a weighted sum of squared differences is the
+    sum of the stage MSEs.
     """
 
     plan: _Plan
@@ -415,10 +412,6 @@ class _Constants:
     weights: Tensor
     factors: Tensor
     coefficients: Tensor
-    teachers: Tensor
-    differences: Tensor
-    indicator: Tensor
-    spread: Tensor
     pixel_weights: Tensor
 
 
@@ -434,14 +427,7 @@ def _constants(
 ) -> _Constants:
     """The :class:`_Constants` of ``plan`` with the total's ``weights``, built once."""
     depths, students = plan.depths, plan.students
-    full = [1.0] + [0.0] * (depths - 1)  # the full-net alone
-    teachers = [[1.0 / depths] * depths] + [full] * (depths - 1)
-    differences = [[float(d == k) - v for d, v in enumerate(row)] for k, row in enumerate(teachers)]
-    if not plan.ensemble:  # the full-net is no student
-        teachers, differences = teachers[1:], differences[1:]
     factors = [1.0] * depths + [-1.0] * students + [2.0] * students
-    eye = torch.eye(len(plan.sizes), dtype=map_dtype, device=device)
-    indicator = torch.cat([eye[s].expand(n, -1) for s, n in enumerate(plan.sizes)] or [eye])
     pixel_weights = [
         torch.full((n,), 1.0 / (batch * n), dtype=map_dtype, device=device) for n in plan.sizes
     ]
@@ -455,17 +441,13 @@ def _constants(
         weights_tensor,
         factors_tensor,
         weights_tensor * factors_tensor,
-        torch.tensor(teachers, dtype=dtype, device=device).view(students, depths),
-        torch.tensor(differences, dtype=map_dtype, device=device).view(students, depths),
-        indicator,
-        indicator.t().contiguous(),
-        torch.cat(pixel_weights) if pixel_weights else eye.new_zeros(0),
+        torch.cat(pixel_weights) if pixel_weights else weights_tensor.new_zeros(0, dtype=map_dtype),
     )
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast off where it is on: the loss's sums and mixes are matrix products, which
-    autocast would round to bf16."""
+    """Autocast off where it is on: its lists would run some of the loss's operations in
+    bf16; here each runs in the loss's dtype."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -479,9 +461,12 @@ class _Objective(torch.autograd.Function):
     CPU and a kernel launch or more on a GPU, and a step of a small net is bound by such
     overheads rather than by arithmetic (issue 15). Here every term is computed for all
     depths at once: the logits stacked (depths, B, classes); every stage's channel sums
-    summed into one (depths * B, pixels) tensor, normalised per stage and mixed into each
-    student's difference from its teacher by small matrix products (``_Constants``); and
-    the backward is the closed form, written for all terms together. It equals autograd of
+    summed into one (depths * B, pixels) tensor, normalised per stage, each student's
+    difference from its teacher one subtraction for all; and the backward is the closed
+    form, written for all terms together. No matrix products: a ``float32_matmul_precision``
+    below ``highest`` (the GPU configs' ``high``: TF32; ``medium``: bf16, on a CPU too) would
+    keep 10 or 8 bits of their operands, too few for the difference of two nearly equal
+    maps. It equals autograd of
     the plain formulas, values and gradients (``tests/test_losses.py``). The teachers are
     constants, so only the student side of each term moves. Once differentiable: no
     gradient of a gradient.
@@ -506,24 +491,32 @@ class _Objective(torch.autograd.Function):
             if c.temperature != 1:
                 soft_log_probs = torch.log_softmax(stacked / c.temperature, -1, dtype=c.dtype)
                 soft_probs = soft_log_probs.exp()
-            teacher = torch.mm(c.teachers, soft_probs.flatten(1)).view(-1, *probs.shape[1:])
+            teacher = soft_probs[:1]  # the sub-nets' (broadcast over them)
+            if plan.ensemble:  # and the depths' mean, the full-net's
+                rest = teacher.expand(depths - 1, -1, -1)
+                teacher = torch.cat([soft_probs.mean(dim=0, keepdim=True), rest])
             student = soft_log_probs if plan.ensemble else soft_log_probs[1:]
             kl = torch.kl_div(student, teacher, 0).sum(dim=(1, 2))  # B * KL / T^2 per student
             saved = [probs, soft_probs, teacher, index]
             if plan.sizes:
                 maps = _joined_maps(plan, stage_outputs, c.map_dtype)  # (D * B, pixels)
-                norms = torch.mm(maps * maps, c.indicator)  # squared, per stage
-                scale = torch.mm(norms.clamp_min(_EPS**2).rsqrt_(), c.spread)
-                maps.mul_(scale)  # F.normalize's u / max(|u|, eps), per stage
-                diff = torch.mm(c.differences, maps.view(depths, -1))  # (students, B * pixels)
+                stages = maps.split(plan.sizes, dim=-1)
+                norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
+                inverse = norms.clamp_min(_EPS).reciprocal_()
+                for m, scale in zip(stages, inverse.unbind(-1), strict=True):
+                    m.mul_(scale.unsqueeze(-1))  # F.normalize's u / max(|u|, eps), per stage
+                joined = maps.view(depths, -1)
+                diff = joined[depths - plan.students :] - joined[:1]  # m_k - m_0
+                if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / D
+                    diff[0].add_(diff.sum(dim=0), alpha=-1 / depths)
                 weighted = diff.view(-1, plan.width) * c.pixel_weights
                 mse = (weighted * diff.view_as(weighted)).view(plan.students, -1).sum(dim=1)
                 mse = mse.to(c.dtype)
-                saved += [weighted, maps, scale, norms]
+                saved += [weighted, maps, inverse, norms]
             else:
                 mse = kl.new_zeros(plan.students)
             raw = torch.cat([log_likelihood, kl, mse])
-            total = torch.dot(raw, c.weights)
+            total = (raw * c.weights).sum()
         ctx.save_for_backward(*saved)
         return total, raw
 
@@ -596,19 +589,27 @@ def _joined_maps(plan: _Plan, stage_outputs: Sequence[Tensor], dtype: torch.dtyp
 
 
 def _map_grads(
-    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, scale: Tensor, norms: Tensor
+    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, inverse: Tensor, norms: Tensor
 ) -> Tensor:
     """The gradient of the students' joined channel sums (students * B, pixels) from the MSE
     terms' coefficients: per stage ``(g - m <g, m>) / |u|`` of the normalised maps'
     gradient ``g``, without the projection where the norm was clamped."""
     if not c.plan.ensemble:  # the full-net's maps are the teacher's only
         rows = len(weighted)
-        maps, scale, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, scale, norms))
+        maps, inverse, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, inverse, norms))
     students = c.plan.students
     grad = (weighted.view(students, -1) * mse.view(-1, 1)).view_as(weighted)
-    along = torch.mm(grad * maps, c.indicator)  # <g, m> per stage
-    along.masked_fill_(norms <= _EPS**2, 0)  # a clamped map is u / eps: no projection
-    return grad.addcmul_(maps, torch.mm(along, c.spread), value=-1).mul_(scale)
+    sizes = c.plan.sizes
+    for g, m, a, scale in zip(
+        grad.split(sizes, -1),
+        maps.split(sizes, -1),
+        (norms > _EPS).unbind(-1),
+        inverse.unbind(-1),
+        strict=True,
+    ):
+        along = vecdot(g, m) * a  # <g, m>; a clamped map is u / eps: no projection
+        g.addcmul_(m, along.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
+    return grad
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
