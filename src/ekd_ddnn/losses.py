@@ -17,7 +17,7 @@ formula) or are left out (``differing``).
 
 With ``ekd`` the whole objective (cross-entropies, KL and attention terms of every depth
 and stage at once) is one ``torch.autograd.Function`` with a written-out backward
-(``_Objective``): one autograd node and about 30 kernel-making operations forward and 26
+(``_Objective``): one autograd node and about 37 kernel-making operations forward and 32
 backward, rather than a hundred nodes; ``ddnn`` and ``individual`` are six operations of
 autograd.
 """
@@ -199,7 +199,7 @@ class EKDLoss:
 
     def compile(self, **options: Any) -> None:
         """Evaluate the loss through ``torch.compile`` from now on (``model.compile=true``):
-        its ~30 small operations forward and ~26 backward run as one compiled graph each.
+        its ~37 small operations forward and ~32 backward run as one compiled graph each.
 
         Dynamo makes one graph per batch size and per pattern of stage outputs shared between
         the depths (fixed depths: one; lattice sampling: a few, see ``docs/performance.md``),
