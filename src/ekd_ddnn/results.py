@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ekd_ddnn.errors import UserError
+from ekd_ddnn.run.rundir import latest_record
 
 if TYPE_CHECKING:  # the models (torch) load on use: aggregate and study only read files
     from ekd_ddnn.models import DepthDynamicNet
@@ -224,17 +225,6 @@ def _yaml_problem(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _latest_record(run_dir: Path) -> Path:
-    """The record of a run's latest command: ``.hydra/resume-<n>/`` of its last resumption
-    (which holds every override that command ran with), else ``.hydra/``."""
-    resumed = []
-    for folder in (run_dir / ".hydra").glob("resume-*"):
-        n = folder.name.removeprefix("resume-")
-        if n.isdigit() and (folder / "overrides.yaml").is_file():
-            resumed.append((int(n), folder))
-    return max(resumed)[1] if resumed else run_dir / ".hydra"
-
-
 def read_overrides(run_dir: str | Path) -> list[str]:
     """The command-line overrides Hydra recorded for the run in ``run_dir``: those of its
     latest command (``.hydra/resume-<n>/overrides.yaml`` once resumed, else
@@ -242,7 +232,7 @@ def read_overrides(run_dir: str | Path) -> list[str]:
     resumption changed, less its ``resume=`` (which command ran, not a setting of the run);
     ``[]`` where there is no record. A malformed file raises :class:`UserError` naming it."""
     run_dir = Path(run_dir)
-    path = _latest_record(run_dir) / "overrides.yaml"
+    path = latest_record(run_dir) / "overrides.yaml"
     if not path.is_file():
         return []
     try:

@@ -291,10 +291,10 @@ class DepthDynamicNet(nn.Module):
             with torch.compiler.set_stance("force_eager"):
                 self.train()
                 torch.func.functional_call(self, state, (x,), strict=True)
+        except UserError:
+            raise
         except (RuntimeError, ValueError) as exc:
             reason = str(exc).strip().splitlines()[0]
-            if isinstance(exc, UserError):
-                raise
             if not any(s in reason for s in _TOO_SMALL):
                 return  # not a size (an op with no meta kernel, ...): the real forward decides
             raise UserError(
