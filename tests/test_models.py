@@ -468,8 +468,8 @@ def test_compiled_blocks_equal_eager_and_never_recompile_for_new_depths(bn_stats
     """Regional compilation (each block compiled on its own): losses, updated weights, BN
     statistics and eval logits equal eager to 1e-6 (Dynamo's graphs run through a counting
     backend: inductor's kernels are for the GPU bench). The graphs are made by the first
-    training step and the first evaluations; training and evaluating other sets of depths
-    (the lattice's, drawn per step) makes none."""
+    training step and the first evaluation at each batch size; training and evaluating other
+    sets of depths (the lattice's, drawn per step) makes none."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -512,9 +512,49 @@ def test_compiled_blocks_equal_eager_and_never_recompile_for_new_depths(bn_stats
                 ):
                     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
             graphs.append(counter.frame_count)
-    # eval mode: 7 more; the first smaller batch: 7 more with a dynamic batch size, then none
-    assert graphs[5:] == [14, 14, 21, 21], graphs
+    # eval mode: 7 more; each new batch size 7 more (static graphs), other depths none
+    assert graphs[5:] == [14, 14, 21, 28], graphs
     assert sorted(compiled.state_dict()) == sorted(eager.state_dict())
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_and_loss_make_static_graphs_only():
+    """Every graph of model.compile=true (blocks and loss) has static sizes, through
+    AOTAutograd as inductor runs it: with Dynamo's automatic dynamic shapes the block
+    configurations after the first (other channels and map sizes through the same call
+    code) made symbolic graphs, whose outputs then made the loss's graph symbolic too, and
+    inductor's code generation for those ran for minutes in sympy."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from ekd_ddnn.losses import EKDLoss
+
+    symbolic: list[list[str]] = []
+    graphs = 0
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        nonlocal graphs
+        graphs += 1
+        symbolic.append(
+            [
+                n.name
+                for n in gm.graph.nodes
+                if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)
+            ]
+        )
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = build_net("cifar_resnet20", subnets=[[2, 2, 2], [1, 1, 1]], image_size=8)
+    net.compile_blocks(backend=backend)
+    loss = EKDLoss()
+    loss.compile(backend=backend)
+    for batch in (8, 8, 6):
+        x, y = torch.randn(batch, 3, 8, 8), torch.randint(0, 10, (batch,))
+        loss(net.train().forward_depths(x, net.depths), y).total.backward()
+    # stem, head, 5 block configurations and the loss, for each of the two batch sizes
+    assert graphs == 16
+    assert symbolic == [[]] * graphs
     torch._dynamo.reset()
 
 

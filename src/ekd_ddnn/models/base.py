@@ -152,22 +152,30 @@ class DepthDynamicNet(nn.Module):
 
         A set of depths only chooses, in Python, which blocks run, so a new set of depths
         (lattice sampling draws one every step) runs the graphs already made: nothing
-        recompiles. Blocks of equal configuration share one graph (per train/eval and grad
-        mode, and once more when the batch size first changes). ``mode``: ``default``,
-        ``max-autotune-no-cudagraphs`` or ``reduce-overhead`` (CUDA graphs per block: only
-        where the set of depths is fixed). ``options`` go to ``torch.compile`` (e.g. a
-        ``backend``, which then replaces ``mode``). State-dict keys stay unchanged; deep
-        copies run eager.
+        recompiles. Blocks of equal configuration share one graph per train/eval, grad mode
+        and batch size (training drops its incomplete last batch: one size). ``mode``:
+        ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead`` (CUDA graphs per
+        block: only where the set of depths is fixed). ``options`` go to ``torch.compile``
+        (e.g. a ``backend``, which then replaces ``mode``). State-dict keys stay unchanged;
+        deep copies run eager.
+
+        The graphs are static (``dynamic=False``): the regions share ``nn.Module``'s call
+        code, so Dynamo's automatic dynamic shapes would take the second block
+        configuration's other channel count and map size for a changing input and make
+        every dimension symbolic. Those graphs then stamp their outputs dynamic, the loss's
+        graph turns symbolic too, and inductor's code generation for them ran for minutes
+        (more than 20 on this CPU) in sympy's simplification.
         """
         regions = self._units()
         # every region shares nn.Module's call code, whose compiled entries Dynamo caps at
         # recompile_limit (8 by default): allow each region its train/eval x batch-size
         # graphs. Raised for the process: a config patch around each region's call would
         # cost ~4 us of host time per call, 0.1-0.2 ms per step of ResNet-56's depths.
-        limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
+        limit = max(torch._dynamo.config.recompile_limit, 8 * len(regions))
         torch._dynamo.config.recompile_limit = limit
         for region in regions:
-            region.compile(**({"mode": mode} if "backend" not in options else {}), **options)
+            mode_option = {"mode": mode} if "backend" not in options else {}
+            region.compile(dynamic=False, **mode_option, **options)
 
     # ----------------------------------------------------------------- depths and names
     @property
