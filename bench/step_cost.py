@@ -428,21 +428,30 @@ def balanced_orders(n: int) -> list[list[int]]:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, device: torch.device
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    timed_calls: dict[str, list[int]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per call of every function, interleaved: each repeat runs every function once,
     in the :func:`balanced_orders` of the repeat, after one untimed call of its first
     function (so every repeat's first call follows a call of itself, and no function's
     first call follows one particular other, as it would after the previous repeat's last
     call). Returns the post-warm-up times and, on CUDA, each function's peak memory over its
-    post-warm-up calls, above what was allocated before the call (MiB)."""
+    post-warm-up calls, above what was allocated before the call (MiB). ``timed_calls``, if
+    given, gets per function the number of each timed call among all its calls here (from 0;
+    the untimed first calls of a repeat make these differ from the repeats' numbers)."""
     names = list(fns)
+    made = dict.fromkeys(names, 0)
     orders = balanced_orders(len(names))
     times: dict[str, list[float]] = {name: [] for name in names}
     peaks: dict[str, float] = {}
     for r in range(warmup + repeats):
         order = [names[i] for i in orders[r % len(orders)]]
         fns[order[0]]()
+        made[order[0]] += 1
         for name in order:
             if device.type == "cuda":
                 synchronize(device)
@@ -452,9 +461,12 @@ def time_interleaved(
             fns[name]()
             synchronize(device)
             elapsed = time.perf_counter() - start
+            made[name] += 1
             if r < warmup:  # first calls: cuDNN's autotuning workspaces, allocator growth
                 continue
             times[name].append(elapsed)
+            if timed_calls is not None:
+                timed_calls.setdefault(name, []).append(made[name] - 1)
             if device.type == "cuda":
                 peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
                 peaks[name] = max(peaks.get(name, 0.0), peak)
@@ -765,8 +777,11 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
     seconds = compile_seconds(modes, device)
     print(f"compile seconds (first call): {json.dumps(seconds)}")
     before, calls_before = graphs["unique_graphs"], len(calls)
-    times, _ = time_interleaved(modes, repeats=args.repeats, warmup=args.warmup, device=device)
-    timed_calls = calls[-args.repeats :]
+    numbers: dict[str, list[int]] = {}
+    times, _ = time_interleaved(
+        modes, repeats=args.repeats, warmup=args.warmup, device=device, timed_calls=numbers
+    )
+    timed_calls = [calls[calls_before + n] for n in numbers["lattice_compiled"]]
     new_patterns = {p for p, _ in calls[calls_before:]} - {p for p, _ in calls[:calls_before]}
     # a lattice call that met a new pattern compiled the loss: left out of its ratio
     steady = [not made for _, made in timed_calls]

@@ -240,6 +240,32 @@ def test_time_interleaved_calls_follow_every_function_equally_often(step_cost) -
     assert len(before) == 9  # 6 ordered pairs and 3 of a function after itself
 
 
+def test_time_interleaved_numbers_the_timed_calls(step_cost, monkeypatch) -> None:
+    """``timed_calls`` names, per function, which of its calls each timing is: a fake clock
+    that call n of a function advances by n + 1 makes every time equal its number + 1, with
+    the untimed first calls of the repeats (and the warm-up) in between."""
+    clock = [0.0]
+    monkeypatch.setattr(step_cost.time, "perf_counter", lambda: clock[0])
+    made = collections.Counter()
+
+    def call(name: str) -> None:
+        clock[0] += made[name] + 1
+        made[name] += 1
+
+    fns = {name: functools.partial(call, name) for name in "abc"}
+    numbers: dict[str, list[int]] = {}
+    times, _ = step_cost.time_interleaved(
+        fns, repeats=5, warmup=2, device=torch.device("cpu"), timed_calls=numbers
+    )
+    for name in fns:
+        assert times[name] == [n + 1 for n in numbers[name]]
+        assert numbers[name] == sorted(numbers[name]) and len(numbers[name]) == 5
+    # 7 repeats, each with one untimed extra call: 21 calls timed or warm-up, 7 extra
+    assert sum(made.values()) == 28
+    # the last calls are not the timed ones: counting back from the end would be wrong
+    assert any(numbers[name] != list(range(made[name] - 5, made[name])) for name in fns)
+
+
 COUNT = "must be an integer >= {}, got '{}'"
 BAD_ARGUMENTS = [
     ("step_cost", ["--batch-size", "0"], "argument --batch-size: " + COUNT.format(1, 0)),
