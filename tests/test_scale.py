@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -352,6 +354,16 @@ def test_read_results_missing(tmp_path):
     """An unreadable (here: missing) file is the same one line."""
     with pytest.raises(UserError, match=r"\(cannot read it: No such file or directory\)"):
         read_results(tmp_path / "results.json")
+
+
+def test_reading_results_loads_neither_torch_nor_hydra():
+    """``ekd_ddnn.results`` (read_results, read_overrides: finished runs read back) imports
+    without torch, Lightning or Hydra: the records' naming it shares with the run directory
+    lives in ``run.records``, not in ``run.rundir``, which loads torch."""
+    heavy = "{'torch', 'lightning', 'hydra'}"
+    code = f"import sys, ekd_ddnn.results; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
 
 
 @pytest.mark.parametrize(

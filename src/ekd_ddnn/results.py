@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.run.rundir import latest_record
+from ekd_ddnn.run.records import latest_record
 
 if TYPE_CHECKING:  # the models (torch) load on use: aggregate and study only read files
     from ekd_ddnn.models import DepthDynamicNet

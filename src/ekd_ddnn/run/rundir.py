@@ -22,12 +22,11 @@ from ekd_ddnn.errors import UserError
 from ekd_ddnn.run.checkpoint import read_checkpoint
 from ekd_ddnn.run.checks import changed_settings
 from ekd_ddnn.run.files import write_text_atomically
+from ekd_ddnn.run.records import RECORD, RESUMED, resumptions
 
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
-RECORD = ".hydra"
-RESUMED = "resume-"  # a resumption's record: .hydra/resume-<n>/
 
 
 def _holder(lock: Path) -> tuple[str, int | None]:
@@ -104,7 +103,7 @@ def write_record(cfg: DictConfig, run_dir: str | Path, *, resumed: bool = False)
     """
     folder = Path(run_dir) / RECORD
     if resumed:
-        earlier = _resumptions(folder)
+        earlier = resumptions(folder)
         folder = folder / f"{RESUMED}{earlier[-1][0] + 1 if earlier else 1}"
     folder.mkdir(parents=True, exist_ok=True)
     hydra_cfg = HydraConfig.get()
@@ -114,26 +113,6 @@ def write_record(cfg: DictConfig, run_dir: str | Path, *, resumed: bool = False)
         folder / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task))
     )
     return folder
-
-
-def _resumptions(record: Path) -> list[tuple[int, Path]]:
-    """The records of a run's resumptions in its ``record`` folder, ``(n, resume-<n>/)`` by
-    ``n``: the latest is the last."""
-    found = []
-    for folder in record.glob(f"{RESUMED}*"):
-        n = folder.name.removeprefix(RESUMED)
-        if n.isdigit():
-            found.append((int(n), folder))
-    return sorted(found)
-
-
-def latest_record(run_dir: str | Path) -> Path:
-    """The record of the latest command of the run in ``run_dir``: ``.hydra/resume-<n>/`` of
-    its last resumption (which holds every override that command ran with), else
-    ``.hydra/``."""
-    record = Path(run_dir) / RECORD
-    resumed = [f for _, f in _resumptions(record) if (f / "overrides.yaml").is_file()]
-    return resumed[-1] if resumed else record
 
 
 def check_resumed_settings(cfg: DictConfig) -> None:
