@@ -395,7 +395,8 @@ def test_read_overrides(tmp_path, text, expected):
 
 def test_read_overrides_takes_the_latest_resumption(tmp_path):
     """A resumed run's overrides are those of its last resumption (numbered, not sorted as
-    text), without the ``resume=`` that started it; a folder without a record is skipped."""
+    text), without the ``resume=`` that started it; a folder without a record is skipped, and
+    so is one whose number is not ours (ASCII digits): "²" once made ``int()`` raise."""
     record = tmp_path / ".hydra"
     for folder, items in [
         (record, ["seed=1", "trainer.max_epochs=2"]),
@@ -405,6 +406,9 @@ def test_read_overrides_takes_the_latest_resumption(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "overrides.yaml").write_text("".join(f"- {o}\n" for o in items))
     (record / "resume-11").mkdir()  # a resumption whose record was taken back
+    for name in ("resume-²", "resume-٣٠", "resume-x", "resume-", "resume-+12"):  # not ours
+        (record / name).mkdir()
+        (record / name / "overrides.yaml").write_text("- seed=9\n")
     assert read_overrides(tmp_path) == ["seed=1", "trainer.max_epochs=5"]
     (record / "resume-10" / "overrides.yaml").write_text("seed: 1\n")
     with pytest.raises(UserError) as info:

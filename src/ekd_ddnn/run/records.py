@@ -18,7 +18,7 @@ def resumptions(record: Path) -> list[tuple[int, Path]]:
     found = []
     for folder in record.glob(f"{RESUMED}*"):
         n = folder.name.removeprefix(RESUMED)
-        if n.isdigit():
+        if n.isascii() and n.isdecimal():  # ours: resume-1, ... (int() would take "٣")
             found.append((int(n), folder))
     return sorted(found)
 
