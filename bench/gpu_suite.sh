@@ -12,6 +12,11 @@
 #   r50          step_cost, ResNet-50 > {[3,4,4,3],[3,3,3,3]}, 224 px, the same         240
 #   r56_compile  the same as r56, eager against regional compile (compile seconds)      240
 #   r50_compile  the same as r50, eager against regional compile                        300
+#   r56_graphs   the same as r56_compile with CUDA graphs (model.compile_mode=           200
+#                reduce-overhead)
+#   r50_graphs   the same as r50_compile with CUDA graphs                               240
+#   profile      step_profile.py: host against device time per step, ResNet-56, eager   150
+#                and regionally compiled
 #   lightning    overhead.py part (a): Lightning against a raw loop, ResNet-50 b128     200
 #   syncs        syncs.py: host syncs per Lightning step; reduce-overhead evaluation      240
 #   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
@@ -31,7 +36,8 @@
 # written). OUT/summary.txt gets a header line and one status line per part, appended; the
 # exit status is 1 if any part failed, ran out of time or was skipped.
 set -u
-all_parts=(env r56 r50 r56_compile r50_compile lightning syncs data train_r50 train_cifar layouts)
+all_parts=(env r56 r50 r56_compile r50_compile r56_graphs r50_graphs profile lightning syncs data
+  train_r50 train_cifar layouts)
 if [ $# -eq 0 ] || [ -z "$1" ]; then
   echo "usage: bench/gpu_suite.sh OUT [PART ...]; parts: ${all_parts[*]}" >&2
   exit 2
@@ -142,6 +148,12 @@ for part in "${parts[@]}"; do
     r50) run r50 240 "${step_cost[@]}" "${r50[@]}" --compile-loss ;;
     r56_compile) run r56_compile 240 "${step_cost[@]}" "${r56[@]}" --compile ;;
     r50_compile) run r50_compile 300 "${step_cost[@]}" "${r50[@]}" --compile ;;
+    r56_graphs) run r56_graphs 200 "${step_cost[@]}" "${r56[@]}" --compile \
+      --compile-mode reduce-overhead ;;
+    r50_graphs) run r50_graphs 240 "${step_cost[@]}" "${r50[@]}" --compile \
+      --compile-mode reduce-overhead ;;
+    profile) run profile 150 "$python" bench/step_profile.py --device "$device" \
+      "${repeats[@]}" --bf16 --channels-last "${r56[@]}" ;;
     lightning) run lightning 200 "$python" bench/overhead.py --device "$device" --parts lightning --bf16 \
       --channels-last "${r50_lightning[@]}" ;;
     syncs) run syncs 240 "$python" bench/syncs.py --device "$device" --reduce-overhead "${syncs[@]}" ;;

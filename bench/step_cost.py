@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
+from ekd_ddnn.models.base import COMPILE_MODES
 from ekd_ddnn.run.cli import report_user_errors
 from ekd_ddnn.sampling import sample_depths
 from ekd_ddnn.timing import synchronize
@@ -184,13 +185,16 @@ def lattice_step(
 
 
 def compiled_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor
+    net: DepthDynamicNet, x: Tensor, y: Tensor, mode: str = "default"
 ) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], list]:
     """What ``--compile`` compares: the eager EKD step against the same step compiled as
-    ``model.compile=true`` compiles it (every block on its own, ``compile_blocks``, and the
-    loss, ``EKDLoss.compile``), the compiled CE-only step, and the compiled step of lattice
+    ``model.compile=true model.compile_mode=<mode>`` compiles it (every block on its own,
+    ``compile_blocks``, and the loss, ``EKDLoss.compile``), the compiled CE-only step, and
+    (but under CUDA graphs, which train one set of depths) the compiled step of lattice
     sampling (a new set of depths every call: the blocks reuse their graphs, the loss makes
     one per new stage-sharing pattern); and the list the lattice step records its calls in."""
+    cuda_graphs = mode == "reduce-overhead"
+    loss_mode = "default" if cuda_graphs else mode  # as the LightningModule compiles it
     modes = {}
     for name, loss, compiled in (
         ("ekd", EKDLoss(), False),
@@ -198,17 +202,34 @@ def compiled_modes(
         ("ddnn_compiled", EKDLoss(mode="ddnn"), True),
     ):
         copy_ = copy.deepcopy(net).train()
+        step = ekd_step(copy_, loss, make_sgd(copy_.parameters()))
         if compiled:
-            copy_.compile_blocks()
-            loss.compile()
-        modes[name] = _bind(ekd_step(copy_, loss, make_sgd(copy_.parameters())), x, y)
+            copy_.compile_blocks(mode)
+            loss.compile(mode=loss_mode)
+            if cuda_graphs:  # as training_step marks each step
+                step = _marking_steps(step)
+        modes[name] = _bind(step, x, y)
+    calls: list = []
+    if cuda_graphs:
+        return modes, calls
     copy_ = copy.deepcopy(net).train()
-    copy_.compile_blocks()
-    lattice_loss, calls = EKDLoss(sampling="lattice"), []
-    lattice_loss.compile()
+    copy_.compile_blocks(mode)
+    lattice_loss = EKDLoss(sampling="lattice")
+    lattice_loss.compile(mode=loss_mode)
     lattice = lattice_step(copy_, make_sgd(copy_.parameters()), lattice_loss, calls)
     modes["lattice_compiled"] = _bind(lattice, x, y)
     return modes, calls
+
+
+def _marking_steps(step: Step) -> Step:
+    """``step`` that first begins a new CUDA-graph generation (``EKDModule.training_step``
+    under ``model.compile_mode=reduce-overhead``)."""
+
+    def marked(x: Tensor, y: Tensor) -> Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(x, y)
+
+    return marked
 
 
 def compile_seconds(
@@ -527,6 +548,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="eager against compiled (model.compile=true) EKD steps only; compile seconds",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="with --compile: model.compile_mode (reduce-overhead: no lattice step)",
+    )
+    parser.add_argument(
         "--compile-loss",
         action="store_true",
         help="also the loss-only figures with the losses compiled as model.compile=true does",
@@ -582,6 +609,7 @@ def run_config(args: argparse.Namespace, net: DepthDynamicNet) -> dict:
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "compile_loss": args.compile_loss,
     }
     if args.experiment:
@@ -597,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return _run(args)
 
 
-def _run(args: argparse.Namespace) -> dict:
+def net_and_batch(args: argparse.Namespace) -> tuple[DepthDynamicNet, Tensor, Tensor]:
+    """The net, one batch and its targets the run's arguments describe, on its device."""
     s = args.settings
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -619,6 +648,13 @@ def _run(args: argparse.Namespace) -> dict:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(s["num_classes"], (args.batch_size,), device=device)
+    return net, x, y
+
+
+def _run(args: argparse.Namespace) -> dict:
+    s = args.settings
+    device = torch.device(args.device)
+    net, x, y = net_and_batch(args)
 
     if args.memory_only:
         memory = {k: round(v, 1) for k, v in activation_memory(net, x, y).items()}
@@ -770,7 +806,7 @@ def _run(args: argparse.Namespace) -> dict:
 def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict:
     """``--compile``: compile seconds on their own line, then eager against compiled."""
     device = x.device
-    modes, calls = compiled_modes(net, x, y)
+    modes, calls = compiled_modes(net, x, y, args.compile_mode)
     if args.bf16:
         modes = with_autocast(modes, device)
     graphs = torch._dynamo.utils.counters["stats"]
@@ -781,12 +817,14 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
     times, _ = time_interleaved(
         modes, repeats=args.repeats, warmup=args.warmup, device=device, timed_calls=numbers
     )
-    timed_calls = [calls[calls_before + n] for n in numbers["lattice_compiled"]]
+    timed_calls = [calls[calls_before + n] for n in numbers.get("lattice_compiled", [])]
     new_patterns = {p for p, _ in calls[calls_before:]} - {p for p, _ in calls[:calls_before]}
     # a lattice call that met a new pattern compiled the loss: left out of its ratio
     steady = [not made for _, made in timed_calls]
-    lattice = [t for t, keep in zip(times["lattice_compiled"], steady, strict=True) if keep]
-    fixed = [t for t, keep in zip(times["ekd_compiled"], steady, strict=True) if keep]
+    lattice, fixed = [], []
+    if "lattice_compiled" in times:  # not under CUDA graphs
+        lattice = [t for t, keep in zip(times["lattice_compiled"], steady, strict=True) if keep]
+        fixed = [t for t, keep in zip(times["ekd_compiled"], steady, strict=True) if keep]
     result = {
         "compiled_speedup": statistics.median(paired_ratios(times, "ekd", "ekd_compiled")),
         "compiled_distill_overhead": statistics.median(

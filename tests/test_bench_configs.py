@@ -95,6 +95,25 @@ def test_step_cost_runs_end_to_end(step_cost, capsys) -> None:
     assert 0.5 < result["ideal_flops_ratio"] < 1.0
 
 
+def test_step_profile_profiles_the_eager_and_the_compiled_step(capsys) -> None:
+    """bench/step_profile.py on a tiny size, inductor on the CPU: both steps profiled, the
+    compiled one through graphs it made (Dynamo's count); no device figures on a CPU."""
+    bench = _bench("step_profile")
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    argv = ["--arch", "cifar_resnet20", "--subnets", "[[1,1,1]]", "--batch-size", "4"]
+    result = bench.main([*argv, "--image-size", "8", "--repeats", "2", "--warmup", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result) == {"ekd", "ekd_compiled", "config"}
+    # the stem, the head, 5 block configurations (test_models) and the loss
+    assert graphs["unique_graphs"] - before == 8
+    for mode in ("ekd", "ekd_compiled"):
+        figures = result[mode]
+        assert 0 < figures["host_ms"] <= figures["wall_ms"]
+        assert figures["device_busy_ms"] is figures["kernels_per_step"] is None
+    torch._dynamo.reset()
+
+
 def test_saved_activation_memory_by_hand(step_cost):
     """``saved_mib`` counts what autograd keeps for backward, weights excluded: a linear layer
     keeps its input (4 x 1000 floats), the ReLU its output (4 x 10 floats)."""
@@ -341,7 +360,7 @@ def test_gpu_suite_refuses_bad_calls_and_reports_failed_parts(tmp_path) -> None:
     assert unknown.returncode == 2 and not out.exists()
     assert unknown.stderr.splitlines() == [
         "error: unknown part 'bogus'; choose from env r56 r50 r56_compile r50_compile "
-        "lightning syncs data train_r50 train_cifar layouts"
+        "r56_graphs r50_graphs profile lightning syncs data train_r50 train_cifar layouts"
     ]
     env["AGAINST"] = "no-such-revision"
     failed = subprocess.run([*suite, str(out), "layouts"], capture_output=True, text=True, env=env)

@@ -4,6 +4,7 @@ evaluation of any set of depths, the accuracy-cost front and the depth for a bud
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import pytest
@@ -140,6 +141,38 @@ def test_evaluation_runs_eager_under_cuda_graphs(mode):
     assert results[1] == pytest.approx(results[0])
     # default: the stem, the head and 5 block configurations, as in test_models
     assert counter.frame_count == (0 if mode == "reduce-overhead" else 7)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("mode", "marks"), [("reduce-overhead", 3), ("default", 0)])
+def test_training_marks_one_cuda_graph_step_per_batch(mode, marks):
+    """Under CUDA graphs each training step begins a new CUDA-graph generation (3 batches: 3
+    marks), so the blocks' shared compiled functions run as one path per step; in the
+    other modes training leaves CUDA-graph state alone. A real Trainer fit."""
+    import lightning as L
+    from torch._dynamo.testing import CompileCounter
+    from torch._inductor.cudagraph_trees import MarkStepBox
+    from torch.utils.data import DataLoader
+
+    from ekd_ddnn.data.synthetic import make_synthetic
+
+    torch._dynamo.reset()
+    net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8)
+    net.compile_blocks(backend=CompileCounter())
+    net.config.update(compile=True, compile_mode=mode)  # as build_net records it
+    loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    before = MarkStepBox.mark_step_counter
+    module = EKDModule(net, EKDLoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer.fit(module, loader)
+    assert before - MarkStepBox.mark_step_counter == marks
     torch._dynamo.reset()
 
 

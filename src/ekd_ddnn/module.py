@@ -160,6 +160,11 @@ class EKDModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
+        if self.cuda_graphs:
+            # one CUDA-graph generation per step: blocks of equal configuration share one
+            # compiled function, and each region call would otherwise count as a new
+            # invocation (a "pending, uninvoked backwards" warning and path checks per block)
+            torch.compiler.cudagraph_mark_step_begin()
         depths, names = self.step_depths()
         outputs = self.net.forward_depths(x, depths)
         terms = self.loss(outputs, y)
