@@ -4,8 +4,8 @@ busy time, eager against compiled (``model.compile=true``, ``--compile-mode``).
 A step whose host time exceeds its device time is bound by Python and kernel launches, not
 arithmetic: compiling its blocks then helps only if it issues fewer, cheaper launches (on an
 H200 the regionally compiled ResNet-56 step issued as many kernels as eager, each launch
-costlier, and took 1.5x as long; CUDA graphs, ``reduce-overhead``, replay a block's kernels
-in one launch). Per mode it reports the synchronised wall time per step, the host time to
+costlier, and ran at 0.67x eager's speed; CUDA graphs, ``reduce-overhead``, replay a block's
+kernels in one launch). Per mode it reports the synchronised wall time per step, the host time to
 issue one step (its call returning, before the device finishes), and from
 ``torch.profiler`` the device's busy time and the kernels per step, then the operations
 with the most host time. It takes ``step_cost.py``'s flags (net, batch, ``--bf16``,

@@ -99,6 +99,7 @@ def test_step_profile_profiles_the_eager_and_the_compiled_step(capsys) -> None:
     """bench/step_profile.py on a tiny size, inductor on the CPU: both steps profiled, the
     compiled one through graphs it made (Dynamo's count); no device figures on a CPU."""
     bench = _bench("step_profile")
+    torch._dynamo.reset()  # no graph left from another test's regions
     graphs = torch._dynamo.utils.counters["stats"]
     before = graphs["unique_graphs"]
     argv = ["--arch", "cifar_resnet20", "--subnets", "[[1,1,1]]", "--batch-size", "4"]
