@@ -15,6 +15,9 @@
 #   r56_graphs   the same as r56_compile with CUDA graphs (model.compile_mode=           200
 #                reduce-overhead)
 #   r50_graphs   the same as r50_compile with CUDA graphs                               240
+#   r56_step     the same as r56_graphs, the whole step compiled as one graph          200
+#                (model.compile_scope=step)
+#   r50_step     the same as r50_graphs, the whole step compiled                        240
 #   profile      step_profile.py: host against device time per step, ResNet-56, eager   150
 #                and regionally compiled
 #   lightning    overhead.py part (a): Lightning against a raw loop, ResNet-50 b128     200
@@ -22,6 +25,8 @@
 #   data         data_on_device.py: on-device batches against preloaded / DataLoader    200
 #   train_r50    experiment=imagenet_r50 on synthetic data, 1 epoch (its wall time)    240
 #   train_cifar  the CIFAR-10 subset, data.on_device, model.compile, lattice sampling   300
+#   train_step   the CIFAR-10 subset, data.on_device, the whole step compiled under      200
+#                CUDA graphs (fixed depths)
 #   layouts      loss_ab.py: today's loss against each of $AGAINST (default: the padded   150
 #                and the Gram layouts, 48a3416 and 04a7f4c), ResNet-56 and ResNet-50 sizes
 # A device call runs at most 600 s: split the parts over calls (docs/performance.md, "GPU
@@ -36,8 +41,8 @@
 # written). OUT/summary.txt gets a header line and one status line per part, appended; the
 # exit status is 1 if any part failed, ran out of time or was skipped.
 set -u
-all_parts=(env r56 r50 r56_compile r50_compile r56_graphs r50_graphs profile lightning syncs data
-  train_r50 train_cifar layouts)
+all_parts=(env r56 r50 r56_compile r50_compile r56_graphs r50_graphs r56_step r50_step profile
+  lightning syncs data train_r50 train_cifar train_step layouts)
 if [ $# -eq 0 ] || [ -z "$1" ]; then
   echo "usage: bench/gpu_suite.sh OUT [PART ...]; parts: ${all_parts[*]}" >&2
   exit 2
@@ -152,6 +157,10 @@ for part in "${parts[@]}"; do
       --compile-mode reduce-overhead ;;
     r50_graphs) run r50_graphs 240 "${step_cost[@]}" "${r50[@]}" --compile \
       --compile-mode reduce-overhead ;;
+    r56_step) run r56_step 200 "${step_cost[@]}" "${r56[@]}" --compile \
+      --compile-mode reduce-overhead --compile-scope step ;;
+    r50_step) run r50_step 240 "${step_cost[@]}" "${r50[@]}" --compile \
+      --compile-mode reduce-overhead --compile-scope step ;;
     profile) run profile 150 "$python" bench/step_profile.py --device "$device" \
       "${repeats[@]}" --bf16 --channels-last "${r56[@]}" ;;
     lightning) run lightning 200 "$python" bench/overhead.py --device "$device" --parts lightning --bf16 \
@@ -163,6 +172,9 @@ for part in "${parts[@]}"; do
     train_cifar) run train_cifar 300 "${train[@]}" experiment=cifar10_r20_r14 \
       data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
       ekd.sampling=lattice test=false "${cifar_train[@]}" ;;
+    train_step) run train_step 200 "${train[@]}" experiment=cifar10_r20_r14 \
+      data.data_dir="$data" data.val_fraction=0.2 data.on_device=true model.compile=true \
+      model.compile_mode=reduce-overhead model.compile_scope=step test=false "${cifar_train[@]}" ;;
     layouts) run layouts 150 bash -c "$(layouts_script)" ;;
   esac
 done

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ekd_ddnn.losses import EKDLoss, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
-from ekd_ddnn.models.base import COMPILE_MODES
+from ekd_ddnn.models.base import COMPILE_MODES, COMPILE_SCOPES
 from ekd_ddnn.run.cli import report_user_errors
 from ekd_ddnn.sampling import sample_depths
 from ekd_ddnn.timing import synchronize
@@ -78,18 +78,26 @@ def ekd_step(
     optimizer: torch.optim.Optimizer,
     *,
     shared: bool = True,
+    compile_mode: str | None = None,
 ) -> Step:
     """One training step of every depth of ``net`` under ``loss_fn``; returns the loss.
 
     ``shared``: run the depths as one prefix tree (``forward_depths``), else one
-    ``net(x, depth)`` pass per depth (the unshared reference).
+    ``net(x, depth)`` pass per depth (the unshared reference). ``compile_mode``: the
+    forward and the loss compiled as one graph in that mode (``model.compile_scope=step``).
     """
     depths = net.depths
 
+    def objective(x: Tensor, y: Tensor) -> Tensor:
+        outputs = net.forward_depths(x, depths) if shared else [net(x, d) for d in depths]
+        return loss_fn(outputs, y).total
+
+    if compile_mode is not None:
+        objective = torch.compile(objective, mode=compile_mode, dynamic=False)
+
     def step(x: Tensor, y: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        outputs = net.forward_depths(x, depths) if shared else [net(x, d) for d in depths]
-        total = loss_fn(outputs, y).total
+        total = objective(x, y)
         total.backward()
         optimizer.step()
         return total.detach()
@@ -185,14 +193,16 @@ def lattice_step(
 
 
 def compiled_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor, mode: str = "default"
+    net: DepthDynamicNet, x: Tensor, y: Tensor, mode: str = "default", scope: str = "blocks"
 ) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], list]:
     """What ``--compile`` compares: the eager EKD step against the same step compiled as
-    ``model.compile=true model.compile_mode=<mode>`` compiles it (every block on its own,
-    ``compile_blocks``, and the loss, ``EKDLoss.compile``), the compiled CE-only step, and
-    (but under CUDA graphs, which train one set of depths) the compiled step of lattice
-    sampling (a new set of depths every call: the blocks reuse their graphs, the loss makes
-    one per new stage-sharing pattern); and the list the lattice step records its calls in."""
+    ``model.compile=true model.compile_mode=<mode> model.compile_scope=<scope>`` compiles it
+    (``blocks``: every block on its own, ``compile_blocks``, and the loss,
+    ``EKDLoss.compile``; ``step``: the forward and the loss as one graph), the compiled
+    CE-only step, and (but under CUDA graphs or the step's scope, which train one set of
+    depths) the compiled step of lattice sampling (a new set of depths every call: the
+    blocks reuse their graphs, the loss makes one per new stage-sharing pattern); and the
+    list the lattice step records its calls in."""
     cuda_graphs = mode == "reduce-overhead"
     loss_mode = "default" if cuda_graphs else mode  # as the LightningModule compiles it
     modes = {}
@@ -202,15 +212,17 @@ def compiled_modes(
         ("ddnn_compiled", EKDLoss(mode="ddnn"), True),
     ):
         copy_ = copy.deepcopy(net).train()
-        step = ekd_step(copy_, loss, make_sgd(copy_.parameters()))
+        whole = mode if compiled and scope == "step" else None
+        step = ekd_step(copy_, loss, make_sgd(copy_.parameters()), compile_mode=whole)
         if compiled:
-            copy_.compile_blocks(mode)
-            loss.compile(mode=loss_mode)
+            if scope == "blocks":
+                copy_.compile_blocks(mode)
+                loss.compile(mode=loss_mode)
             if cuda_graphs:  # as training_step marks each step
                 step = _marking_steps(step)
         modes[name] = _bind(step, x, y)
     calls: list = []
-    if cuda_graphs:
+    if cuda_graphs or scope == "step":
         return modes, calls
     copy_ = copy.deepcopy(net).train()
     copy_.compile_blocks(mode)
@@ -554,6 +566,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --compile: model.compile_mode (reduce-overhead: no lattice step)",
     )
     parser.add_argument(
+        "--compile-scope",
+        choices=COMPILE_SCOPES,
+        default="blocks",
+        help="with --compile: model.compile_scope (step: no lattice step)",
+    )
+    parser.add_argument(
         "--compile-loss",
         action="store_true",
         help="also the loss-only figures with the losses compiled as model.compile=true does",
@@ -610,6 +628,7 @@ def run_config(args: argparse.Namespace, net: DepthDynamicNet) -> dict:
         "channels_last": args.channels_last,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
+        "compile_scope": args.compile_scope,
         "compile_loss": args.compile_loss,
     }
     if args.experiment:
@@ -806,7 +825,7 @@ def _run(args: argparse.Namespace) -> dict:
 def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: Tensor) -> dict:
     """``--compile``: compile seconds on their own line, then eager against compiled."""
     device = x.device
-    modes, calls = compiled_modes(net, x, y, args.compile_mode)
+    modes, calls = compiled_modes(net, x, y, args.compile_mode, args.compile_scope)
     if args.bf16:
         modes = with_autocast(modes, device)
     graphs = torch._dynamo.utils.counters["stats"]
@@ -822,7 +841,7 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
     # a lattice call that met a new pattern compiled the loss: left out of its ratio
     steady = [not made for _, made in timed_calls]
     lattice, fixed = [], []
-    if "lattice_compiled" in times:  # not under CUDA graphs
+    if "lattice_compiled" in times:  # not under CUDA graphs or the step's scope
         lattice = [t for t, keep in zip(times["lattice_compiled"], steady, strict=True) if keep]
         fixed = [t for t, keep in zip(times["ekd_compiled"], steady, strict=True) if keep]
     result = {
@@ -856,11 +875,14 @@ def _run_compiled(args: argparse.Namespace, net: DepthDynamicNet, x: Tensor, y: 
             f"{len(timed_calls[-1][0])} depths against "
             f"{len(net.depths)})"
         )
-    print(
-        f"graphs made during the timed calls ({args.warmup + args.repeats} new depth sets): "
-        f"{result['graphs_made_during_timing']}; new stage-sharing patterns (the loss makes a "
-        f"graph for each): {result['new_sharing_patterns']}"
-    )
+    if "lattice_compiled" not in times:  # one set of depths: no new one to compile for
+        print(f"graphs made during the timed calls: {result['graphs_made_during_timing']}")
+    else:
+        print(
+            f"graphs made during the timed calls ({args.warmup + args.repeats} new depth "
+            f"sets): {result['graphs_made_during_timing']}; new stage-sharing patterns (the "
+            f"loss makes a graph for each): {result['new_sharing_patterns']}"
+        )
     sys.stdout.flush()
     result["config"] = run_config(args, net)
     print(json.dumps(result))

@@ -9,7 +9,8 @@ kernels in one launch). Per mode it reports the synchronised wall time per step,
 issue one step (its call returning, before the device finishes), and from
 ``torch.profiler`` the device's busy time and the kernels per step, then the operations
 with the most host time. It takes ``step_cost.py``'s flags (net, batch, ``--bf16``,
-``--channels-last``, ``--compile-mode``); the last line printed is one JSON object.
+``--channels-last``, ``--compile-mode``, ``--compile-scope``); the last line printed is one
+JSON object.
 
     python bench/step_profile.py --device cuda --bf16 --channels-last --experiment cifar100_r56
     python bench/step_profile.py --device cuda --bf16 --experiment imagenet_r50 \
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     net, x, y = net_and_batch(args)
-    modes, _ = compiled_modes(net, x, y, args.compile_mode)
+    modes, _ = compiled_modes(net, x, y, args.compile_mode, args.compile_scope)
     modes = {name: modes[name] for name in MODES}
     if args.bf16:
         modes = with_autocast(modes, device)
@@ -109,6 +110,7 @@ def _run(args: argparse.Namespace) -> dict:
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "compile_mode": args.compile_mode,
+        "compile_scope": args.compile_scope,
         "steps": args.repeats,
     }
     print(json.dumps(results))

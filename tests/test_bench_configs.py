@@ -361,7 +361,8 @@ def test_gpu_suite_refuses_bad_calls_and_reports_failed_parts(tmp_path) -> None:
     assert unknown.returncode == 2 and not out.exists()
     assert unknown.stderr.splitlines() == [
         "error: unknown part 'bogus'; choose from env r56 r50 r56_compile r50_compile "
-        "r56_graphs r50_graphs profile lightning syncs data train_r50 train_cifar layouts"
+        "r56_graphs r50_graphs r56_step r50_step profile lightning syncs data train_r50 "
+        "train_cifar train_step layouts"
     ]
     env["AGAINST"] = "no-such-revision"
     failed = subprocess.run([*suite, str(out), "layouts"], capture_output=True, text=True, env=env)

@@ -95,6 +95,62 @@ def test_cuda_graphs_refused_with_lattice_sampling():
     )
 
 
+def test_compiled_step_refused_with_lattice_sampling():
+    """model.compile_scope=step compiles the step of one set of depths: refused in one line
+    with lattice sampling, which draws a new set every step."""
+    net = build_net("cifar_resnet20", compile=True, compile_scope="step")
+    EKDModule(net, EKDLoss())
+    with pytest.raises(UserError) as info:
+        EKDModule(net, EKDLoss(sampling="lattice"))
+    assert str(info.value) == (
+        "model.compile_scope=step compiles the step of one set of depths and "
+        "ekd.sampling=lattice draws a new set every step; use model.compile_scope=blocks"
+    )
+
+
+@pytest.mark.parametrize("bn_stats", ["shared", "private"])
+def test_compiled_step_trains_as_eager_in_one_graph(monkeypatch, bn_stats):
+    """model.compile_scope=step: a real Trainer's 3 steps run the network and the loss as
+    one graph (counting backend: 1 graph, made by the first step; no graph break) and reach
+    the eager run's weights; the loss is not compiled apart, the blocks not at all."""
+    import lightning as L
+    from torch._dynamo.testing import CompileCounter
+    from torch.utils.data import DataLoader
+
+    from ekd_ddnn import module as module_lib
+    from ekd_ddnn.data.synthetic import make_synthetic
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(EKDModule._terms, backend=counter, dynamic=False)
+    monkeypatch.setattr(module_lib, "_compiled_terms", lambda mode: compiled)
+    torch.manual_seed(0)
+    eager = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8, bn_stats=bn_stats)
+    step = copy.deepcopy(eager)
+    step.config.update(compile=True, compile_scope="step")  # as build_net records it
+    loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
+    weights = []
+    for net in (eager, step):
+        loss = EKDLoss()
+        module = EKDModule(net, loss, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, loader)
+        assert "_compile_options" not in vars(loss)
+        weights.append(net.state_dict())
+    assert counter.frame_count == 1
+    assert all(m._compiled_call_impl is None for m in step.modules())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_model_compile_compiles_the_loss_too(monkeypatch):
     """model.compile=true: the module compiles its loss as well, in the blocks' mode (CUDA
     graphs, reduce-overhead, are recorded for the blocks alone: the loss gets default);

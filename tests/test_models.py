@@ -569,6 +569,13 @@ def test_build_net_compile_flag():
         "model.compile_mode must be one of default, max-autotune-no-cudagraphs, "
         "reduce-overhead, got 'fast'"
     )
+    # the whole step's scope: the module compiles it, the blocks stay eager
+    step = build_net("cifar_resnet20", compile=True, compile_scope="step")
+    assert step.config["compile_scope"] == "step"
+    assert all(m._compiled_call_impl is None for m in step.modules())
+    with pytest.raises(UserError) as info:
+        build_net("cifar_resnet20", compile=True, compile_scope="net")
+    assert str(info.value) == "model.compile_scope must be one of blocks, step, got 'net'"
 
 
 @pytest.mark.parametrize(

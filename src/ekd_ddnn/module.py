@@ -8,6 +8,7 @@ torchmetrics collection (top-1, top-5) per depth.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -20,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ekd_ddnn.errors import DivergedError, UserError
-from ekd_ddnn.losses import EKDLoss
+from ekd_ddnn.losses import EKDLoss, EKDTerms
 from ekd_ddnn.models import DepthDynamicNet
 from ekd_ddnn.optim import param_groups
 from ekd_ddnn.sampling import check_num_sampled, sample_depths
@@ -93,7 +94,13 @@ class EKDModule(L.LightningModule):
                     "and ekd.sampling=lattice draws a new set every step; use "
                     "model.compile_mode=default or max-autotune-no-cudagraphs"
                 )
-        if net.config.get("compile"):
+            if self.compiles_step:
+                raise UserError(
+                    "model.compile_scope=step compiles the step of one set of depths and "
+                    "ekd.sampling=lattice draws a new set every step; use "
+                    "model.compile_scope=blocks"
+                )
+        if net.config.get("compile") and not self.compiles_step:
             # the loss runs between the blocks' graphs, on tensors they made: CUDA graphs
             # (reduce-overhead) are recorded for the blocks alone
             mode = net.config.get("compile_mode", "default")
@@ -166,8 +173,11 @@ class EKDModule(L.LightningModule):
             # invocation (a "pending, uninvoked backwards" warning and path checks per block)
             torch.compiler.cudagraph_mark_step_begin()
         depths, names = self.step_depths()
-        outputs = self.net.forward_depths(x, depths)
-        terms = self.loss(outputs, y)
+        if self.compiles_step:  # the network and the loss as one graph
+            compiled = _compiled_terms(self.net.config.get("compile_mode", "default"))
+            terms = compiled(self, x, y, depths)
+        else:
+            terms = self._terms(x, y, depths)
         unseen = (self.first_nonfinite_step < 0) & ~torch.isfinite(terms.total.detach())
         self.first_nonfinite_step.copy_(
             torch.where(unseen, self.global_step, self.first_nonfinite_step)
@@ -197,10 +207,21 @@ class EKDModule(L.LightningModule):
         self.log_dict(logs, batch_size=len(y))
         return terms.total
 
+    def _terms(self, x: Tensor, y: Tensor, depths: list[tuple[int, ...]]) -> EKDTerms:
+        """The loss terms of ``depths`` on one batch (compiled whole under
+        ``model.compile_scope=step``)."""
+        return self.loss(self.net.forward_depths(x, depths), y)
+
+    @property
+    def compiles_step(self) -> bool:
+        """Whether the whole training step is compiled (``model.compile_scope=step``)."""
+        config = self.net.config
+        return bool(config.get("compile")) and config.get("compile_scope") == "step"
+
     @property
     def cuda_graphs(self) -> bool:
-        """Whether the blocks are compiled with CUDA graphs (``model.compile_mode=
-        reduce-overhead``)."""
+        """Whether the blocks, or the whole step, are compiled with CUDA graphs
+        (``model.compile_mode=reduce-overhead``)."""
         config = self.net.config
         return bool(config.get("compile")) and config.get("compile_mode") == "reduce-overhead"
 
@@ -287,3 +308,12 @@ class EKDModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+@functools.cache
+def _compiled_terms(mode: str) -> Callable[..., EKDTerms]:
+    """:meth:`EKDModule._terms` compiled in ``mode`` (``model.compile_scope=step``): one
+    compiled function per mode rather than per module, so that a module holds no compiled
+    state (a copy or a pickle stays plain); modules of one structure share its graphs (the
+    parameters are the graph's inputs, not its constants)."""
+    return torch.compile(EKDModule._terms, mode=mode, dynamic=False)

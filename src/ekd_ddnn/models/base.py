@@ -31,6 +31,9 @@ _TOO_SMALL = (
     "Expected more than 1 value per channel when training",
 )
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# what model.compile compiles: every block on its own (any set of depths reuses them) or the
+# whole training step of one fixed set of depths, network and loss together (EKDModule)
+COMPILE_SCOPES = ("blocks", "step")
 NetOutput = tuple[Tensor, list[Tensor]]  # logits (B, classes), per-stage features [(B, C, H, W)]
 
 

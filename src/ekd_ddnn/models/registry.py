@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ekd_ddnn.errors import InvalidDepthError, UserError
-from ekd_ddnn.models.base import COMPILE_MODES, DepthDynamicNet
+from ekd_ddnn.models.base import COMPILE_MODES, COMPILE_SCOPES, DepthDynamicNet
 from ekd_ddnn.models.cifar_resnet import cifar_resnet
 from ekd_ddnn.models.imagenet_resnet import imagenet_resnet
 from ekd_ddnn.models.vgg import cifar_vgg
@@ -69,6 +69,7 @@ def build_net(
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "blocks",
     min_blocks: int = 1,
 ) -> DepthDynamicNet:
     """Build the DDNN ``arch`` (optionally with other full ``blocks``) and its ``subnets``.
@@ -81,8 +82,9 @@ def build_net(
     ``channels_last``: keep weights and activations in NHWC memory layout (faster convolutions
     with mixed precision on tensor-core GPUs); results equal the default layout's up to
     float rounding.
-    ``compile``: ``torch.compile`` every block on its own, in ``compile_mode``
-    (:meth:`DepthDynamicNet.compile_blocks`).
+    ``compile``: ``torch.compile`` in ``compile_mode``: with ``compile_scope="blocks"`` every
+    block on its own, here (:meth:`DepthDynamicNet.compile_blocks`); with ``"step"`` the
+    net stays eager and :class:`~ekd_ddnn.module.EKDModule` compiles its training step.
     ``min_blocks``: the fewest blocks a stage keeps in the depth lattice
     (:meth:`DepthDynamicNet.lattice`).
     """
@@ -107,6 +109,10 @@ def build_net(
         raise UserError(
             f"model.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}"
         )
+    if compile_scope not in COMPILE_SCOPES:
+        raise UserError(
+            f"model.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {compile_scope!r}"
+        )
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}")
     config = {
@@ -120,6 +126,7 @@ def build_net(
         "channels_last": bool(channels_last),
         "compile": bool(compile),
         "compile_mode": compile_mode,
+        "compile_scope": compile_scope,
         "min_blocks": int(min_blocks),
     }
     kwargs = dict(spec.kwargs)
@@ -140,6 +147,6 @@ def build_net(
         net.use_private_bn_stats()
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    if compile:
+    if compile and compile_scope == "blocks":
         net.compile_blocks(compile_mode)
     return net

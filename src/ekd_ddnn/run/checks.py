@@ -241,6 +241,7 @@ RESUMABLE = (
     "data.on_device",  # the same distribution, other random draws (as data.num_workers)
     "model.compile",
     "model.compile_mode",
+    "model.compile_scope",
     "model.channels_last",
     "model.weights_path",
 )
