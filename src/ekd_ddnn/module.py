@@ -315,5 +315,8 @@ def _compiled_terms(mode: str) -> Callable[..., EKDTerms]:
     """:meth:`EKDModule._terms` compiled in ``mode`` (``model.compile_scope=step``): one
     compiled function per mode rather than per module, so that a module holds no compiled
     state (a copy or a pickle stays plain); modules of one structure share its graphs (the
-    parameters are the graph's inputs, not its constants)."""
-    return torch.compile(EKDModule._terms, mode=mode, dynamic=False)
+    parameters are the graph's inputs, not its constants). A graph per batch size, set of
+    depths and structure: more than Dynamo's default cap of 8 over the runs of a sweep in
+    one process; set for this function's calls only (one per step)."""
+    patch = torch._dynamo.config.patch(recompile_limit=64)
+    return patch(torch.compile(EKDModule._terms, mode=mode, dynamic=False))
