@@ -48,7 +48,8 @@ from settings import (
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ekd_ddnn.losses import EKDLoss, sharing_pattern
+from ekd_ddnn.errors import UserError
+from ekd_ddnn.losses import EKDLoss, EKDTerms, sharing_pattern
 from ekd_ddnn.models import ARCHS, DepthDynamicNet, build_net
 from ekd_ddnn.models.base import COMPILE_MODES, COMPILE_SCOPES
 from ekd_ddnn.run.cli import report_user_errors
@@ -88,16 +89,16 @@ def ekd_step(
     """
     depths = net.depths
 
-    def objective(x: Tensor, y: Tensor) -> Tensor:
+    def terms(x: Tensor, y: Tensor) -> EKDTerms:
         outputs = net.forward_depths(x, depths) if shared else [net(x, d) for d in depths]
-        return loss_fn(outputs, y).total
+        return loss_fn(outputs, y)
 
-    if compile_mode is not None:
-        objective = torch.compile(objective, mode=compile_mode, dynamic=False)
+    if compile_mode is not None:  # all the terms out, as EKDModule's compiled step has them
+        terms = torch.compile(terms, mode=compile_mode, dynamic=False)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        total = objective(x, y)
+        total = terms(x, y).total
         total.backward()
         optimizer.step()
         return total.detach()
@@ -640,6 +641,10 @@ def run_config(args: argparse.Namespace, net: DepthDynamicNet) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the bench, print its report and return the ratios (the last line's JSON)."""
     args = parse_args(argv)
+    if not args.compile and (args.compile_mode, args.compile_scope) != ("default", "blocks"):
+        raise UserError(
+            "--compile-mode and --compile-scope choose what --compile compiles; add --compile"
+        )
     with bench_threads(args.threads):
         return _run(args)
 

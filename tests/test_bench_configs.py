@@ -331,6 +331,21 @@ def test_bench_arguments_are_refused_in_one_line(name, argv, message, capsys) ->
     assert capsys.readouterr().err.splitlines()[-1].split(": error: ", 1)[1] == message
 
 
+@pytest.mark.parametrize(
+    "flag", [["--compile-scope", "step"], ["--compile-mode", "reduce-overhead"]]
+)
+def test_step_cost_refuses_compile_choices_without_compile(step_cost, flag) -> None:
+    """What --compile compiles means nothing without --compile: refused before anything
+    runs, rather than recorded in the JSON as if it had been measured."""
+    from ekd_ddnn.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        step_cost.main(flag)
+    assert str(info.value) == (
+        "--compile-mode and --compile-scope choose what --compile compiles; add --compile"
+    )
+
+
 def test_bench_user_errors_are_one_line(tmp_path) -> None:
     """A mistake the library words for the user (a sub-net deeper than the network) ends a
     bench in that one line and exit status 1, as it ends a command, not in a traceback."""

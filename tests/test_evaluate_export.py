@@ -157,6 +157,14 @@ def test_bad_checkpoints_give_clear_errors(best, tmp_path):
     torch.save(other, mismatched)
     with pytest.raises(UserError, match="its weights do not fit its cifar_resnet56"):
         net_from_checkpoint(load_checkpoint(mismatched), mismatched)
+    later = torch.load(best, weights_only=True)  # a later release's network settings
+    later["hyper_parameters"]["net_config"] |= {"width": 2, "zoom": 1}
+    with pytest.raises(UserError) as info:
+        net_from_checkpoint(later, "later.ckpt")
+    assert str(info.value) == (
+        "checkpoint later.ckpt: its network has settings this ekd-ddnn does not know "
+        "(width, zoom); use the ekd-ddnn release that wrote it"
+    )
     assert zipfile.is_zipfile(best)  # the real checkpoint is untouched
 
 

@@ -111,26 +111,48 @@ def test_compiled_step_refused_with_lattice_sampling():
 @pytest.mark.parametrize("bn_stats", ["shared", "private"])
 def test_compiled_step_trains_as_eager_in_one_graph(monkeypatch, bn_stats):
     """model.compile_scope=step: a real Trainer's 3 steps run the network and the loss as
-    one graph (counting backend: 1 graph, made by the first step; no graph break) and reach
-    the eager run's weights; the loss is not compiled apart, the blocks not at all."""
+    one graph (made by the first step, under the step function's own recompile limit of 64;
+    AOTAutograd's backward, as inductor gets it) and reach the eager run's weights; the
+    loss is not compiled apart, the blocks not at all. ``torch.compile`` is swapped for a
+    counting ``aot_eager`` compile inside the module's own ``_compiled_terms``."""
     import lightning as L
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
     from torch.utils.data import DataLoader
 
     from ekd_ddnn import module as module_lib
     from ekd_ddnn.data.synthetic import make_synthetic
 
     torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(EKDModule._terms, backend=counter, dynamic=False)
-    monkeypatch.setattr(module_lib, "_compiled_terms", lambda mode: compiled)
-    torch.manual_seed(0)
-    eager = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8, bn_stats=bn_stats)
-    step = copy.deepcopy(eager)
-    step.config.update(compile=True, compile_scope="step")  # as build_net records it
+    counter = CompileCounterWithBackend("aot_eager")
+    limits, modes = [], []
+    real_compile = torch.compile
+
+    def counting_backend(gm, inputs):
+        limits.append(torch._dynamo.config.recompile_limit)
+        return counter(gm, inputs)
+
+    def compile_(fn, *, mode, dynamic):
+        modes.append(mode)
+        return real_compile(fn, backend=counting_backend, dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    module_lib._compiled_terms.cache_clear()
+    nets = []
+    for scope in ("blocks", "step"):
+        torch.manual_seed(0)
+        compiled = scope == "step"
+        nets.append(
+            build_net(
+                "cifar_resnet20",
+                subnets=[[1, 1, 1]],
+                image_size=8,
+                bn_stats=bn_stats,
+                compile=compiled,
+                compile_scope=scope,
+            )
+        )
     loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
-    weights = []
-    for net in (eager, step):
+    for net in nets:
         loss = EKDLoss()
         module = EKDModule(net, loss, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
         trainer = L.Trainer(
@@ -143,11 +165,11 @@ def test_compiled_step_trains_as_eager_in_one_graph(monkeypatch, bn_stats):
         )
         trainer.fit(module, loader)
         assert "_compile_options" not in vars(loss)
-        weights.append(net.state_dict())
-    assert counter.frame_count == 1
-    assert all(m._compiled_call_impl is None for m in step.modules())
-    for key, value in weights[0].items():
-        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
+    assert (counter.frame_count, limits, modes) == (1, [64], ["default"])
+    assert all(m._compiled_call_impl is None for m in nets[1].modules())
+    for key, value in nets[0].state_dict().items():
+        torch.testing.assert_close(nets[1].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    module_lib._compiled_terms.cache_clear()
     torch._dynamo.reset()
 
 
@@ -201,13 +223,13 @@ def test_evaluation_runs_eager_under_cuda_graphs(mode):
 
 
 @pytest.mark.parametrize(("mode", "marks"), [("reduce-overhead", 3), ("default", 0)])
-def test_training_marks_one_cuda_graph_step_per_batch(mode, marks):
+def test_training_marks_one_cuda_graph_step_per_batch(monkeypatch, mode, marks):
     """Under CUDA graphs each training step begins a new CUDA-graph generation (3 batches: 3
     marks), so the blocks' shared compiled functions run as one path per step; in the
-    other modes training leaves CUDA-graph state alone. A real Trainer fit."""
+    other modes training leaves CUDA-graph state alone. A real Trainer fit, the marks
+    counted on their way to torch's own."""
     import lightning as L
     from torch._dynamo.testing import CompileCounter
-    from torch._inductor.cudagraph_trees import MarkStepBox
     from torch.utils.data import DataLoader
 
     from ekd_ddnn.data.synthetic import make_synthetic
@@ -225,10 +247,12 @@ def test_training_marks_one_cuda_graph_step_per_batch(mode, marks):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    before = MarkStepBox.mark_step_counter
+    calls = []
+    mark = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(mark()))
     module = EKDModule(net, EKDLoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     trainer.fit(module, loader)
-    assert before - MarkStepBox.mark_step_counter == marks
+    assert len(calls) == marks
     torch._dynamo.reset()
 
 

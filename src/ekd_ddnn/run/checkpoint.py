@@ -9,6 +9,7 @@ checkpoint is instantiated unless it names a class of ours (:func:`data_config`)
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import stat
 from pathlib import Path
@@ -79,7 +80,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicNet:
     """Rebuild the network from the checkpoint's builder arguments and load its weights."""
-    config = dict(ckpt["hyper_parameters"]["net_config"])
+    config = ckpt["hyper_parameters"]["net_config"]
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint {path}: its network description is not a mapping")
+    # settings of a later release (or a hand edit) name arguments this build_net lacks
+    unknown = sorted(set(config) - set(inspect.signature(build_net).parameters), key=str)
+    if unknown:
+        raise UserError(
+            f"checkpoint {path}: its network has settings this ekd-ddnn does not know "
+            f"({', '.join(map(str, unknown))}); use the ekd-ddnn release that wrote it"
+        )
+    config = dict(config)
     config.pop("weights_path", None)
     config.pop("compile", None)  # evaluation and export run eager
     net = build_net(**config)
