@@ -95,6 +95,27 @@ def test_cuda_graphs_refused_with_lattice_sampling():
     )
 
 
+def _train_one_epoch(net, loss: EKDLoss) -> None:
+    """Fit ``net`` under ``loss`` for one epoch of 3 synthetic batches of 8 (8x8 px) with a
+    real Trainer on the CPU, SGD, nothing written."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ekd_ddnn.data.synthetic import make_synthetic
+
+    loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
+    module = EKDModule(net, loss, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+
+
 def test_compiled_step_refused_with_lattice_sampling():
     """model.compile_scope=step compiles the step of one set of depths: refused in one line
     with lattice sampling, which draws a new set every step."""
@@ -115,12 +136,9 @@ def test_compiled_step_trains_as_eager_in_one_graph(monkeypatch, bn_stats):
     AOTAutograd's backward, as inductor gets it) and reach the eager run's weights; the
     loss is not compiled apart, the blocks not at all. ``torch.compile`` is swapped for a
     counting ``aot_eager`` compile inside the module's own ``_compiled_terms``."""
-    import lightning as L
     from torch._dynamo.testing import CompileCounterWithBackend
-    from torch.utils.data import DataLoader
 
     from ekd_ddnn import module as module_lib
-    from ekd_ddnn.data.synthetic import make_synthetic
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -151,19 +169,9 @@ def test_compiled_step_trains_as_eager_in_one_graph(monkeypatch, bn_stats):
                 compile_scope=scope,
             )
         )
-    loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
     for net in nets:
         loss = EKDLoss()
-        module = EKDModule(net, loss, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        trainer.fit(module, loader)
+        _train_one_epoch(net, loss)
         assert "_compile_options" not in vars(loss)
     assert (counter.frame_count, limits, modes) == (1, [64], ["default"])
     assert all(m._compiled_call_impl is None for m in nets[1].modules())
@@ -228,30 +236,16 @@ def test_training_marks_one_cuda_graph_step_per_batch(monkeypatch, mode, marks):
     marks), so the blocks' shared compiled functions run as one path per step; in the
     other modes training leaves CUDA-graph state alone. A real Trainer fit, the marks
     counted on their way to torch's own."""
-    import lightning as L
     from torch._dynamo.testing import CompileCounter
-    from torch.utils.data import DataLoader
-
-    from ekd_ddnn.data.synthetic import make_synthetic
 
     torch._dynamo.reset()
     net = build_net("cifar_resnet20", subnets=[[1, 1, 1]], image_size=8)
     net.compile_blocks(backend=CompileCounter())
     net.config.update(compile=True, compile_mode=mode)  # as build_net records it
-    loader = DataLoader(make_synthetic(24, 10, 3, 8, seed=0), batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     calls = []
     mark = torch.compiler.cudagraph_mark_step_begin
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(mark()))
-    module = EKDModule(net, EKDLoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    trainer.fit(module, loader)
+    _train_one_epoch(net, EKDLoss())
     assert len(calls) == marks
     torch._dynamo.reset()
 
