@@ -117,15 +117,27 @@ def _train_one_epoch(net, loss: EKDLoss) -> None:
 
 
 def test_compiled_step_refused_with_lattice_sampling():
-    """model.compile_scope=step compiles the step of one set of depths: refused in one line
-    with lattice sampling, which draws a new set every step."""
+    """model.compile_scope=step compiles the step for one set of depths: refused in one line
+    with lattice sampling, which draws a new set every step; with CUDA graphs as well, one
+    line names both and both fixes."""
     net = build_net("cifar_resnet20", compile=True, compile_scope="step")
     EKDModule(net, EKDLoss())
     with pytest.raises(UserError) as info:
         EKDModule(net, EKDLoss(sampling="lattice"))
     assert str(info.value) == (
-        "model.compile_scope=step compiles the step of one set of depths and "
+        "model.compile_scope=step compiles the step for one set of depths and "
         "ekd.sampling=lattice draws a new set every step; use model.compile_scope=blocks"
+    )
+    both = build_net(
+        "cifar_resnet20", compile=True, compile_mode="reduce-overhead", compile_scope="step"
+    )
+    with pytest.raises(UserError) as info:
+        EKDModule(both, EKDLoss(sampling="lattice"))
+    assert str(info.value) == (
+        "model.compile_mode=reduce-overhead records CUDA graphs and model.compile_scope=step "
+        "compiles the step for one set of depths and ekd.sampling=lattice draws a new set "
+        "every step; use model.compile_mode=default or max-autotune-no-cudagraphs and "
+        "model.compile_scope=blocks"
     )
 
 

@@ -88,17 +88,25 @@ class EKDModule(L.LightningModule):
             check_num_sampled(self.lattice, loss.num_sampled)
             # the full-net and the smallest depth, trained every step, under their own names
             self.lattice_names = [net.name_of(d) for d in (self.lattice[0], self.lattice[-1])]
-            if self.cuda_graphs:
+            # what compiles for one set of depths, and its fix: every one named in one line
+            one_set = [
+                (
+                    self.cuda_graphs,
+                    "model.compile_mode=reduce-overhead records CUDA graphs",
+                    "model.compile_mode=default or max-autotune-no-cudagraphs",
+                ),
+                (
+                    self.compiles_step,
+                    "model.compile_scope=step compiles the step",
+                    "model.compile_scope=blocks",
+                ),
+            ]
+            chosen = [(what, fix) for on, what, fix in one_set if on]
+            if chosen:
                 raise UserError(
-                    "model.compile_mode=reduce-overhead records CUDA graphs for one set of depths "
-                    "and ekd.sampling=lattice draws a new set every step; use "
-                    "model.compile_mode=default or max-autotune-no-cudagraphs"
-                )
-            if self.compiles_step:
-                raise UserError(
-                    "model.compile_scope=step compiles the step of one set of depths and "
+                    f"{' and '.join(what for what, _ in chosen)} for one set of depths and "
                     "ekd.sampling=lattice draws a new set every step; use "
-                    "model.compile_scope=blocks"
+                    f"{' and '.join(fix for _, fix in chosen)}"
                 )
         if net.config.get("compile") and not self.compiles_step:
             # the loss runs between the blocks' graphs, on tensors they made: CUDA graphs
