@@ -165,6 +165,10 @@ def test_bad_checkpoints_give_clear_errors(best, tmp_path):
         "checkpoint later.ckpt: its network has settings this ekd-ddnn does not know "
         "(width, zoom); use the ekd-ddnn release that wrote it"
     )
+    later["hyper_parameters"]["net_config"] = ["cifar_resnet20"]
+    with pytest.raises(UserError) as info:
+        net_from_checkpoint(later, "later.ckpt")
+    assert str(info.value) == "checkpoint later.ckpt: its network description is not a mapping"
     assert zipfile.is_zipfile(best)  # the real checkpoint is untouched
 
 
