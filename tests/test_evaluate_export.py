@@ -157,18 +157,35 @@ def test_bad_checkpoints_give_clear_errors(best, tmp_path):
     torch.save(other, mismatched)
     with pytest.raises(UserError, match="its weights do not fit its cifar_resnet56"):
         net_from_checkpoint(load_checkpoint(mismatched), mismatched)
-    later = torch.load(best, weights_only=True)  # a later release's network settings
-    later["hyper_parameters"]["net_config"] |= {"width": 2, "zoom": 1}
-    with pytest.raises(UserError) as info:
-        net_from_checkpoint(later, "later.ckpt")
-    assert str(info.value) == (
-        "checkpoint later.ckpt: its network has settings this ekd-ddnn does not know "
+    later = tmp_path / "later.ckpt"
+
+    def refusal(edit) -> str:
+        """load_checkpoint's one line for the real checkpoint with ``edit`` applied."""
+        ckpt = torch.load(best, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, later)
+        with pytest.raises(UserError) as info:
+            load_checkpoint(later)
+        return str(info.value)
+
+    # a later release's network settings
+    assert refusal(lambda c: c["hyper_parameters"]["net_config"].update(width=2, zoom=1)) == (
+        f"checkpoint {later}: its network has settings this ekd-ddnn does not know "
         "(width, zoom); use the ekd-ddnn release that wrote it"
     )
-    later["hyper_parameters"]["net_config"] = ["cifar_resnet20"]
-    with pytest.raises(UserError) as info:
-        net_from_checkpoint(later, "later.ckpt")
-    assert str(info.value) == "checkpoint later.ckpt: its network description is not a mapping"
+    assert refusal(lambda c: c["hyper_parameters"]["net_config"].pop("arch")) == (
+        f"checkpoint {later}: its network description lacks arch; use a checkpoints/*.ckpt "
+        "file written by `python -m ekd_ddnn.train`"
+    )
+    for key, what in [
+        ("net_config", "network description"),
+        ("loss", "loss description"),
+        ("config", "run config"),
+    ]:
+        message = refusal(lambda c, key=key: c["hyper_parameters"].update({key: ["x"]}))
+        assert message == f"checkpoint {later}: its {what} is not a mapping"
+    message = refusal(lambda c: c.update(state_dict=None))
+    assert message == f"checkpoint {later}: its state dict (the weights) is not a mapping"
     assert zipfile.is_zipfile(best)  # the real checkpoint is untouched
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from ekd_ddnn.errors import UserError
-from ekd_ddnn.losses import EKDLoss
 from ekd_ddnn.models import DepthDynamicNet, build_net
 
 
@@ -67,7 +66,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read an ekd-ddnn (Lightning) checkpoint without executing code from it."""
+    """Read an ekd-ddnn (Lightning) checkpoint without executing code from it, and check the
+    parts its readers use (:func:`check_contents`)."""
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters")
     if not isinstance(hparams, dict) or "net_config" not in hparams or "state_dict" not in ckpt:
@@ -75,21 +75,44 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not an ekd-ddnn training checkpoint (no network description); "
             "use a checkpoints/*.ckpt file written by `python -m ekd_ddnn.train`"
         )
+    check_contents(ckpt, path)
     return ckpt
 
 
-def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicNet:
-    """Rebuild the network from the checkpoint's builder arguments and load its weights."""
-    config = ckpt["hyper_parameters"]["net_config"]
-    if not isinstance(config, dict):
-        raise UserError(f"checkpoint {path}: its network description is not a mapping")
-    # settings of a later release (or a hand edit) name arguments this build_net lacks
-    unknown = sorted(set(config) - set(inspect.signature(build_net).parameters), key=str)
+# what evaluate, export, select and the front read of a checkpoint, in the user's words
+_PARTS = {"net_config": "network description", "loss": "loss description", "config": "run config"}
+
+
+def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse, in one line, a checkpoint whose weights or settings its readers cannot use:
+    weights, network description, loss description or run config that are not mappings, or a
+    network with settings ``build_net`` lacks (a later release's, or a hand edit)."""
+    parts = {"state_dict": ckpt["state_dict"]}
+    parts |= {key: ckpt["hyper_parameters"].get(key, {}) for key in _PARTS}
+    for key, part in parts.items():
+        if not isinstance(part, dict):
+            what = _PARTS.get(key, "state dict (the weights)")
+            raise UserError(f"checkpoint {path}: its {what} is not a mapping")
+    arguments = inspect.signature(build_net).parameters
+    unknown = set(parts["net_config"]) - set(arguments)
     if unknown:
         raise UserError(
             f"checkpoint {path}: its network has settings this ekd-ddnn does not know "
-            f"({', '.join(map(str, unknown))}); use the ekd-ddnn release that wrote it"
+            f"({', '.join(sorted(map(str, unknown)))}); use the ekd-ddnn release that wrote it"
         )
+    required = [name for name, a in arguments.items() if a.default is inspect.Parameter.empty]
+    missing = [name for name in required if name not in parts["net_config"]]
+    if missing:
+        raise UserError(
+            f"checkpoint {path}: its network description lacks {', '.join(missing)}; use a "
+            "checkpoints/*.ckpt file written by `python -m ekd_ddnn.train`"
+        )
+
+
+def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicNet:
+    """Rebuild the network from the checkpoint's builder arguments (of a checkpoint from
+    :func:`load_checkpoint`) and load its weights."""
+    config = ckpt["hyper_parameters"]["net_config"]
     config = dict(config)
     config.pop("weights_path", None)
     config.pop("compile", None)  # evaluation and export run eager
@@ -104,11 +127,6 @@ def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicN
             f"{config.get('blocks')} network ({reason})"
         ) from None
     return net.eval()
-
-
-def loss_from_checkpoint(ckpt: dict[str, Any]) -> EKDLoss:
-    """The loss settings the checkpoint was trained with (they decide the trained depths)."""
-    return EKDLoss(**ckpt["hyper_parameters"].get("loss", {}))
 
 
 def our_data_classes() -> set[str]:
