@@ -33,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,13 @@ def lattice_step(
 
 
 def compiled_modes(
-    net: DepthDynamicNet, x: Tensor, y: Tensor, mode: str = "default", scope: str = "blocks"
+    net: DepthDynamicNet,
+    x: Tensor,
+    y: Tensor,
+    mode: str = "default",
+    scope: str = "blocks",
+    *,
+    only: Collection[str] | None = None,
 ) -> tuple[dict[str, Callable[[], Tensor | list[Tensor]]], list]:
     """What ``--compile`` compares: the eager EKD step against the same step compiled as
     ``model.compile=true model.compile_mode=<mode> model.compile_scope=<scope>`` compiles it
@@ -203,7 +209,8 @@ def compiled_modes(
     CE-only step, and (but under CUDA graphs or the step's scope, which train one set of
     depths) the compiled step of lattice sampling (a new set of depths every call: the
     blocks reuse their graphs, the loss makes one per new stage-sharing pattern); and the
-    list the lattice step records its calls in."""
+    list the lattice step records its calls in. ``only``: build just these modes (each is a
+    copy of the net)."""
     cuda_graphs = mode == "reduce-overhead"
     loss_mode = "default" if cuda_graphs else mode  # as the LightningModule compiles it
     modes = {}
@@ -212,6 +219,8 @@ def compiled_modes(
         ("ekd_compiled", EKDLoss(), True),
         ("ddnn_compiled", EKDLoss(mode="ddnn"), True),
     ):
+        if only is not None and name not in only:
+            continue
         copy_ = copy.deepcopy(net).train()
         whole = mode if compiled and scope == "step" else None
         step = ekd_step(copy_, loss, make_sgd(copy_.parameters()), compile_mode=whole)
@@ -223,7 +232,7 @@ def compiled_modes(
                 step = _marking_steps(step)
         modes[name] = _bind(step, x, y)
     calls: list = []
-    if cuda_graphs or scope == "step":
+    if cuda_graphs or scope == "step" or (only is not None and "lattice_compiled" not in only):
         return modes, calls
     copy_ = copy.deepcopy(net).train()
     copy_.compile_blocks(mode)

@@ -86,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     net, x, y = net_and_batch(args)
-    modes, _ = compiled_modes(net, x, y, args.compile_mode, args.compile_scope)
-    modes = {name: modes[name] for name in MODES}
+    modes, _ = compiled_modes(net, x, y, args.compile_mode, args.compile_scope, only=MODES)
     if args.bf16:
         modes = with_autocast(modes, device)
     results = {}
