@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.linalg import vecdot, vector_norm
+from torch.linalg import vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -254,22 +254,14 @@ class EKDLoss:
             return EKDTerms(total, log_likelihood, ce_scales, depths)
         spatial = tuple(f.shape[2:] for f in features[0])
         plan = _plan(sharing_pattern(features), spatial, self.ensemble, self.attention_stages)
-        students = plan.students
-        kl_scales = (self.temperature**2 / batch,) * students
-        mse_scales = tuple(1.0 / count for count in plan.counts)
         dtype = _accumulation(logits[0].dtype)
         map_dtype = torch.promote_types(dtype, features[0][0].dtype) if features[0] else dtype
-        weights = (
-            _ce_weights(depths, batch)
-            + tuple(self.w / depths * v for v in kl_scales)
-            + tuple(self.a / depths * v for v in mse_scales)
-        )
         constants = _constants(
-            plan, weights, self.temperature, batch, targets.device, dtype, map_dtype
+            plan, self.w, self.a, self.temperature, batch, targets.device, dtype, map_dtype
         )
         stage_outputs = [features[d][s] for d, s in plan.inputs]
         total, raw = _Objective.apply(constants, targets, *logits, *stage_outputs)
-        return EKDTerms(total, raw, ce_scales + kl_scales + mse_scales, depths, students)
+        return EKDTerms(total, raw, constants.scales, depths, plan.students)
 
 
 def _ce_weights(depths: int, batch: int) -> tuple[float, ...]:
@@ -314,7 +306,7 @@ class _Plan:
     its sums lie in the joined maps (more than one where depths share the output);
     ``slots``: per input, the (student, stage start) of each place its gradient lies in
     the students' joined maps; ``strides``: per input, the strides of its (B, H, W) sums in
-    the joined maps.
+    the joined maps; ``spatial``: per input, its (H, W).
 
     Compared and hashed by identity: :func:`_plan` makes one per pattern, and the key of
     :func:`_constants` is then cheap to hash.
@@ -329,6 +321,7 @@ class _Plan:
     places: tuple[tuple[tuple[int, int], ...], ...]
     slots: tuple[tuple[tuple[int, int], ...], ...]
     strides: tuple[tuple[int, ...], ...]
+    spatial: tuple[tuple[int, ...], ...]
 
     @property
     def students(self) -> int:
@@ -383,6 +376,7 @@ def _plan(
         tuple(map(tuple, places)),
         tuple(map(tuple, slots)),
         tuple((width, *_contiguous_strides(spatial[s])) for _, s in inputs),
+        tuple(tuple(spatial[s]) for _, s in inputs),
     )
 
 
@@ -409,28 +403,52 @@ class _Constants:
     temperature: float
     dtype: torch.dtype
     map_dtype: torch.dtype
+    scales: tuple[float, ...]
+    sums: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...], ...]
+    gradients: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...], int], ...], ...]
     weights: Tensor
     factors: Tensor
     coefficients: Tensor
     pixel_weights: Tensor
+    stage_of_pixel: Tensor
 
 
 @_built_once
 def _constants(
     plan: _Plan,
-    weights: tuple[float, ...],
+    w: float,
+    a: float,
     temperature: float,
     batch: int,
     device: torch.device,
     dtype: torch.dtype,
     map_dtype: torch.dtype,
 ) -> _Constants:
-    """The :class:`_Constants` of ``plan`` with the total's ``weights``, built once."""
+    """The :class:`_Constants` of ``plan`` for the loss's weights ``w`` and ``a``, built once."""
     depths, students = plan.depths, plan.students
+    kl_scales = (temperature**2 / batch,) * students
+    mse_scales = tuple(1.0 / count for count in plan.counts)
+    weights = (
+        _ce_weights(depths, batch)
+        + tuple(w / depths * v for v in kl_scales)
+        + tuple(a / depths * v for v in mse_scales)
+    )
     factors = [1.0] * depths + [-1.0] * students + [2.0] * students
     pixel_weights = [
         torch.full((n,), 1.0 / (batch * n), dtype=map_dtype, device=device) for n in plan.sizes
     ]
+    block = batch * plan.width
+    sums = tuple(
+        tuple(((batch, *size), strides, d * block + start) for d, start in places)
+        for places, strides, size in zip(plan.places, plan.strides, plan.spatial, strict=True)
+    )
+    gradients = tuple(
+        tuple(
+            ((batch, 1, *size), (strides[0], 0, *strides[1:]), k * block + start)
+            for k, start in slots
+        )
+        for slots, strides, size in zip(plan.slots, plan.strides, plan.spatial, strict=True)
+    )
     weights_tensor = torch.tensor(weights, dtype=dtype, device=device)
     factors_tensor = torch.tensor(factors, dtype=dtype, device=device)
     return _Constants(
@@ -438,10 +456,16 @@ def _constants(
         temperature,
         dtype,
         map_dtype,
+        (-1.0 / batch,) * depths + kl_scales + mse_scales,
+        sums,
+        gradients,
         weights_tensor,
         factors_tensor,
         weights_tensor * factors_tensor,
         torch.cat(pixel_weights) if pixel_weights else weights_tensor.new_zeros(0, dtype=map_dtype),
+        torch.arange(len(plan.sizes), device=device).repeat_interleave(
+            torch.tensor(plan.sizes, dtype=torch.long, device=device), output_size=plan.width
+        ),
     )
 
 
@@ -499,12 +523,12 @@ class _Objective(torch.autograd.Function):
             kl = torch.kl_div(student, teacher, 0).sum(dim=(1, 2))  # B * KL / T^2 per student
             saved = [probs, soft_probs, teacher, index]
             if plan.sizes:
-                maps = _joined_maps(plan, stage_outputs, c.map_dtype)  # (D * B, pixels)
-                stages = maps.split(plan.sizes, dim=-1)
+                maps = _joined_maps(c, stage_outputs)  # (D * B, pixels)
+                stages = maps.split_with_sizes(plan.sizes, dim=-1)
                 norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
-                inverse = norms.clamp_min(_EPS).reciprocal_()
-                for m, scale in zip(stages, inverse.unbind(-1), strict=True):
-                    m.mul_(scale.unsqueeze(-1))  # F.normalize's u / max(|u|, eps), per stage
+                # F.normalize's u / max(|u|, eps), per stage: each stage's scale on its pixels
+                scale = norms.clamp_min(_EPS).reciprocal_().index_select(-1, c.stage_of_pixel)
+                maps.mul_(scale)
                 joined = maps.view(depths, -1)
                 diff = joined[depths - plan.students :] - joined[:1]  # m_k - m_0
                 if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / D
@@ -512,7 +536,7 @@ class _Objective(torch.autograd.Function):
                 weighted = diff.view(-1, plan.width) * c.pixel_weights
                 mse = (weighted * diff.view_as(weighted)).view(plan.students, -1).sum(dim=1)
                 mse = mse.to(c.dtype)
-                saved += [weighted, maps, inverse, norms]
+                saved += [weighted, maps, scale, norms]
             else:
                 mse = kl.new_zeros(plan.students)
             raw = torch.cat([log_likelihood, kl, mse])
@@ -567,73 +591,60 @@ def _logit_grads(
     return grad.addcmul_(probs, ce.view(-1, 1, 1), value=-1)
 
 
-def _joined_maps(plan: _Plan, stage_outputs: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> Tensor:
     """Every depth's channel sums of every computed stage, summed straight into their places
     in one (depths * B, pixels) tensor (``_Plan.places``): no copies, no concatenation.
     Dynamo cannot trace a reduction into a strided ``out=``; a compiled loss concatenates
     (which inductor fuses)."""
+    plan, dtype = c.plan, c.map_dtype
     batch = stage_outputs[0].shape[0]
     if torch.compiler.is_compiling():
         sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
         return torch.cat([torch.cat([sums[i] for i in row], dim=1) for row in plan.rows])
-    block = batch * plan.width
     maps = stage_outputs[0].new_empty((plan.depths * batch, plan.width), dtype=dtype)
-    for f, places, strides in zip(stage_outputs, plan.places, plan.strides, strict=True):
-        size = (batch, *f.shape[2:])
-        (depth, start), *copies = places
-        summed = maps.as_strided(size, strides, depth * block + start)
-        torch.sum(f, dim=1, dtype=dtype, out=summed)
-        for depth, start in copies:
-            maps.as_strided(size, strides, depth * block + start).copy_(summed)
+    for f, (first, *copies) in zip(stage_outputs, c.sums, strict=True):
+        summed = torch.sum(f, dim=1, dtype=dtype, out=maps.as_strided(*first))
+        for place in copies:
+            maps.as_strided(*place).copy_(summed)
     return maps
 
 
 def _map_grads(
-    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, inverse: Tensor, norms: Tensor
+    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, scale: Tensor, norms: Tensor
 ) -> Tensor:
     """The gradient of the students' joined channel sums (students * B, pixels) from the MSE
     terms' coefficients: per stage ``(g - m <g, m>) / |u|`` of the normalised maps'
     gradient ``g``, without the projection where the norm was clamped."""
     if not c.plan.ensemble:  # the full-net's maps are the teacher's only
         rows = len(weighted)
-        maps, inverse, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, inverse, norms))
+        maps, scale, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, scale, norms))
     students = c.plan.students
     grad = (weighted.view(students, -1) * mse.view(-1, 1)).view_as(weighted)
-    sizes = c.plan.sizes
-    for g, m, a, scale in zip(
-        grad.split(sizes, -1),
-        maps.split(sizes, -1),
-        (norms > _EPS).unbind(-1),
-        inverse.unbind(-1),
-        strict=True,
-    ):
-        along = vecdot(g, m) * a  # <g, m>; a clamped map is u / eps: no projection
-        g.addcmul_(m, along.unsqueeze(-1), value=-1).mul_(scale.unsqueeze(-1))
-    return grad
+    products = (grad * maps).split_with_sizes(c.plan.sizes, dim=-1)
+    along = torch.stack([p.sum(dim=-1) for p in products], dim=-1)  # <g, m> per stage
+    along.masked_fill_(norms <= _EPS, 0)  # a clamped map is u / eps: no projection
+    return grad.addcmul_(maps, along.index_select(-1, c.stage_of_pixel), value=-1).mul_(scale)
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
     """The gradient of each stage output from the gradient of the students' joined maps
     (students * B, pixels): its pixels' gradients (summed where depths share the output)
-    broadcast over the channels, as views where the dtypes agree. ``grad_maps`` is
-    contiguous and its storage's own (a fresh product): a pixel's offset is where it lies."""
-    plan = ctx.constants.plan
+    broadcast over the channels (``_Constants.gradients``), as views where the dtypes agree.
+    ``grad_maps`` is contiguous and its storage's own (a fresh product): a pixel's offset is
+    where it lies."""
     grads: list[Tensor | None] = []
-    needs = ctx.needs_input_grad[2 + plan.depths :]
-    for slots, strides, (shape, dtype), need in zip(
-        plan.slots, plan.strides, ctx.stage_outputs, needs, strict=True
+    needs = ctx.needs_input_grad[2 + ctx.constants.plan.depths :]
+    for views, (shape, dtype), need in zip(
+        ctx.constants.gradients, ctx.stage_outputs, needs, strict=True
     ):
-        if not slots or not need:  # a teacher's alone: a constant
+        if not views or not need:  # a teacher's alone: a constant
             grads.append(None)
-            continue
-        block = shape[0] * plan.width
-        size, broadcast = (shape[0], 1, *shape[2:]), (strides[0], 0, *strides[1:])
-        if len(slots) == 1 and dtype == grad_maps.dtype:
-            ((student, start),) = slots
-            grads.append(grad_maps.as_strided(shape, broadcast, student * block + start))
-            continue
-        parts = [grad_maps.as_strided(size, broadcast, k * block + start) for k, start in slots]
-        grads.append(functools.reduce(operator.add, parts).to(dtype).expand(shape))
+        elif len(views) == 1 and dtype == grad_maps.dtype:
+            ((_, strides, offset),) = views
+            grads.append(grad_maps.as_strided(shape, strides, offset))
+        else:
+            parts = [grad_maps.as_strided(*view) for view in views]
+            grads.append(functools.reduce(operator.add, parts).to(dtype).expand(shape))
     return grads
 
 
