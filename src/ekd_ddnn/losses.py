@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.linalg import vector_norm
+from torch.linalg import vecdot, vector_norm
 
 from ekd_ddnn.errors import UserError
 
@@ -534,13 +534,14 @@ class _Objective(torch.autograd.Function):
                 if plan.ensemble:  # and for the full-net m_0 - mean(m) = -sum_k (m_k - m_0) / D
                     diff[0].add_(diff.sum(dim=0), alpha=-1 / depths)
                 weighted = diff.view(-1, plan.width) * c.pixel_weights
-                mse = (weighted * diff.view_as(weighted)).view(plan.students, -1).sum(dim=1)
-                mse = mse.to(c.dtype)
+                mse = vecdot(weighted.view(plan.students, -1), diff.view(plan.students, -1))
+                if mse.dtype != c.dtype:
+                    mse = mse.to(c.dtype)
                 saved += [weighted, maps, scale, norms]
             else:
                 mse = kl.new_zeros(plan.students)
             raw = torch.cat([log_likelihood, kl, mse])
-            total = (raw * c.weights).sum()
+            total = vecdot(raw, c.weights)  # a sum of products, as for any vector
         ctx.save_for_backward(*saved)
         return total, raw
 
@@ -560,7 +561,9 @@ class _Objective(torch.autograd.Function):
             logit_grads: Sequence[Tensor | None] = [None] * depths
             if any(needs[2 : 2 + depths]):
                 grad = _logit_grads(c, probs, soft_probs, teacher, index, ce, kl)
-                logit_grads = grad.to(ctx.logits_dtype).unbind(0)  # bf16 logits: bf16
+                if grad.dtype != ctx.logits_dtype:  # bf16 logits: bf16
+                    grad = grad.to(ctx.logits_dtype)
+                logit_grads = grad.unbind(0)
             stage_grads: list[Tensor | None] = [None] * len(ctx.stage_outputs)
             if saved and any(needs[2 + depths :]):
                 stage_grads = _channel_sum_grads(ctx, _map_grads(c, mse, *saved))
