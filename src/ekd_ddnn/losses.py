@@ -537,7 +537,8 @@ class _Objective(torch.autograd.Function):
                 mse = vecdot(weighted.view(plan.students, -1), diff.view(plan.students, -1))
                 if mse.dtype != c.dtype:
                     mse = mse.to(c.dtype)
-                saved += [weighted, maps, scale, norms]
+                if any(ctx.needs_input_grad[2 + depths :]):
+                    saved.append(_unit_map_grads(c, weighted, maps, scale, norms))
             else:
                 mse = kl.new_zeros(plan.students)
             raw = torch.cat([log_likelihood, kl, mse])
@@ -566,7 +567,9 @@ class _Objective(torch.autograd.Function):
                 logit_grads = grad.unbind(0)
             stage_grads: list[Tensor | None] = [None] * len(ctx.stage_outputs)
             if saved and any(needs[2 + depths :]):
-                stage_grads = _channel_sum_grads(ctx, _map_grads(c, mse, *saved))
+                (unit,) = saved
+                grad_maps = (unit.view(students, -1) * mse.view(-1, 1)).view_as(unit)
+                stage_grads = _channel_sum_grads(ctx, grad_maps)
         return None, None, *logit_grads, *stage_grads
 
 
@@ -612,21 +615,21 @@ def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> Tensor:
     return maps
 
 
-def _map_grads(
-    c: _Constants, mse: Tensor, weighted: Tensor, maps: Tensor, scale: Tensor, norms: Tensor
+def _unit_map_grads(
+    c: _Constants, weighted: Tensor, maps: Tensor, scale: Tensor, norms: Tensor
 ) -> Tensor:
-    """The gradient of the students' joined channel sums (students * B, pixels) from the MSE
-    terms' coefficients: per stage ``(g - m <g, m>) / |u|`` of the normalised maps'
-    gradient ``g``, without the projection where the norm was clamped."""
+    """The gradient of the students' joined channel sums (students * B, pixels) per unit of
+    each MSE term's coefficient (the backward scales it by the coefficients): per stage
+    ``(g - m <g, m>) / |u|`` of the normalised maps' gradient ``g`` (``weighted``, which this
+    overwrites), without the projection where the norm was clamped. Linear in ``g``, so made
+    in the forward, where its inputs are at hand, and only scaled in the backward."""
     if not c.plan.ensemble:  # the full-net's maps are the teacher's only
         rows = len(weighted)
         maps, scale, norms = (t.narrow(0, len(t) - rows, rows) for t in (maps, scale, norms))
-    students = c.plan.students
-    grad = (weighted.view(students, -1) * mse.view(-1, 1)).view_as(weighted)
-    products = (grad * maps).split_with_sizes(c.plan.sizes, dim=-1)
+    products = (weighted * maps).split_with_sizes(c.plan.sizes, dim=-1)
     along = torch.stack([p.sum(dim=-1) for p in products], dim=-1)  # <g, m> per stage
     along.masked_fill_(norms <= _EPS, 0)  # a clamped map is u / eps: no projection
-    return grad.addcmul_(maps, along.index_select(-1, c.stage_of_pixel), value=-1).mul_(scale)
+    return weighted.addcmul_(maps, along.index_select(-1, c.stage_of_pixel), value=-1).mul_(scale)
 
 
 def _channel_sum_grads(ctx: Any, grad_maps: Tensor) -> list[Tensor | None]:
