@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -462,6 +463,46 @@ def test_loss_first_called_under_inference_mode_still_trains():
         t.requires_grad_()
     loss.terms(logits, feats, y).total.backward()
     assert all(t.grad is not None for t in leaves)
+
+
+def test_evaluations_sharing_the_cpu_maps_buffer_stay_apart():
+    """On a CPU the joined maps live in one buffer per plan and thread, reused by every call:
+    two forwards before their backwards, and two threads at once, each get the per-depth
+    reference's total and gradients, and the buffer is the same tensor from call to call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ekd_ddnn.losses import _constants, _plan
+
+    loss = EKDLoss(w=0.7, a=30.0)
+
+    def evaluations(seeds):
+        runs = []
+        for seed in seeds:
+            logits, feats, y = _float64_outputs(seed=seed, k=2)
+            leaves = [*logits, *(f for fs in feats for f in fs)]
+            for t in leaves:
+                t.requires_grad_()
+            runs.append((loss.terms(logits, feats, y).total, leaves, (logits, feats, y)))
+        for total, leaves, outputs in runs:  # every forward first, then the backwards
+            want = _reference_terms(loss, *outputs)[0]
+            torch.testing.assert_close(total, want, rtol=1e-6, atol=1e-12)
+            for g, w in zip(
+                torch.autograd.grad(total, leaves), torch.autograd.grad(want, leaves), strict=True
+            ):
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-12)
+
+    logits, feats, y = _float64_outputs(seed=1, k=2)
+    plan = _plan(sharing_pattern(feats), tuple(f.shape[2:] for f in feats[0]), True, "all")
+    cpu, double = torch.device("cpu"), torch.float64
+    constants = _constants(plan, loss.w, loss.a, loss.temperature, len(y), cpu, double, double)
+    constants.buffers.clear()
+    evaluations([1, 2, 3])
+    (buffer,) = constants.buffers.values()
+    evaluations([4])
+    assert constants.buffers == {threading.get_ident(): buffer}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(evaluations, [[5, 6] * 5, [7, 8] * 5]))
+    assert len(constants.buffers) == 3  # this thread's and each worker's
 
 
 @pytest.mark.parametrize("mode", ["ekd", "ddnn"])

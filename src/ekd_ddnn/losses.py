@@ -29,6 +29,7 @@ import functools
 import itertools
 import math
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -396,7 +397,13 @@ class _Constants:
     for a squared map difference), so that ``weights * factors`` (``coefficients``) times
     the incoming gradient is all the backward needs of the total; ``pixel_weights``
     (pixels,): ``1 / (B * H_s W_s)``, so that a weighted sum of squared differences is the
-    sum of the stage MSEs.
+    sum of the stage MSEs; ``stage_of_pixel`` (pixels,): each pixel's stage, to spread a
+    per-stage value over its pixels.
+
+    ``scales``: ``EKDTerms.scales``; ``sums`` / ``gradients``: per input, the ``as_strided``
+    arguments of each place its channel sums lie in the joined maps / its gradient lies in
+    the students' joined maps (size, strides, offset; the latter broadcast over channels);
+    ``buffers``: on a CPU, each thread's :class:`_MapsBuffer`, by thread id.
     """
 
     plan: _Plan
@@ -411,6 +418,7 @@ class _Constants:
     coefficients: Tensor
     pixel_weights: Tensor
     stage_of_pixel: Tensor
+    buffers: dict[int, _MapsBuffer] | None
 
 
 @_built_once
@@ -466,6 +474,7 @@ def _constants(
         torch.arange(len(plan.sizes), device=device).repeat_interleave(
             torch.tensor(plan.sizes, dtype=torch.long, device=device), output_size=plan.width
         ),
+        {} if device.type == "cpu" else None,
     )
 
 
@@ -523,8 +532,7 @@ class _Objective(torch.autograd.Function):
             kl = torch.kl_div(student, teacher, 0).sum(dim=(1, 2))  # B * KL / T^2 per student
             saved = [probs, soft_probs, teacher, index]
             if plan.sizes:
-                maps = _joined_maps(c, stage_outputs)  # (D * B, pixels)
-                stages = maps.split_with_sizes(plan.sizes, dim=-1)
+                maps, stages = _joined_maps(c, stage_outputs)  # (D * B, pixels), per stage
                 norms = torch.stack([vector_norm(m, dim=-1) for m in stages], dim=-1)
                 # F.normalize's u / max(|u|, eps), per stage: each stage's scale on its pixels
                 scale = norms.clamp_min(_EPS).reciprocal_().index_select(-1, c.stage_of_pixel)
@@ -597,22 +605,51 @@ def _logit_grads(
     return grad.addcmul_(probs, ce.view(-1, 1, 1), value=-1)
 
 
-def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class _MapsBuffer:
+    """A (depths * B, pixels) tensor for one plan's joined maps, with its views: per input,
+    each place its channel sums are summed into (``_Constants.sums``), and each stage's
+    pixels. Nothing the backward keeps aliases it, so on a CPU each thread reuses one from
+    call to call: its views are made once, and its memory is still in the cache from the
+    last step (4-5 % of the distillation's cost at ``bench/step_cost.py``'s small size)."""
+
+    maps: Tensor
+    sums: list[list[Tensor]]
+    stages: tuple[Tensor, ...]
+
+
+def _maps_buffer(c: _Constants, like: Tensor) -> _MapsBuffer:
+    """A new :class:`_MapsBuffer` for ``c`` on ``like``'s device; never an inference tensor,
+    so that one first made by an evaluation still serves training."""
+    batch = c.sums[0][0][0][0]
+    with torch.inference_mode(False):
+        maps = like.new_empty((c.plan.depths * batch, c.plan.width), dtype=c.map_dtype)
+    sums = [[maps.as_strided(*view) for view in places] for places in c.sums]
+    return _MapsBuffer(maps, sums, maps.split_with_sizes(c.plan.sizes, dim=-1))
+
+
+def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> tuple[Tensor, Sequence[Tensor]]:
     """Every depth's channel sums of every computed stage, summed straight into their places
-    in one (depths * B, pixels) tensor (``_Plan.places``): no copies, no concatenation.
-    Dynamo cannot trace a reduction into a strided ``out=``; a compiled loss concatenates
-    (which inductor fuses)."""
+    in one (depths * B, pixels) tensor (``_Plan.places``): no copies, no concatenation; and
+    its per-stage views. Dynamo cannot trace a reduction into a strided ``out=``; a compiled
+    loss concatenates (which inductor fuses)."""
     plan, dtype = c.plan, c.map_dtype
-    batch = stage_outputs[0].shape[0]
     if torch.compiler.is_compiling():
+        batch = stage_outputs[0].shape[0]
         sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
-        return torch.cat([torch.cat([sums[i] for i in row], dim=1) for row in plan.rows])
-    maps = stage_outputs[0].new_empty((plan.depths * batch, plan.width), dtype=dtype)
-    for f, (first, *copies) in zip(stage_outputs, c.sums, strict=True):
-        summed = torch.sum(f, dim=1, dtype=dtype, out=maps.as_strided(*first))
+        maps = torch.cat([torch.cat([sums[i] for i in row], dim=1) for row in plan.rows])
+        return maps, maps.split_with_sizes(plan.sizes, dim=-1)
+    if c.buffers is None:  # a GPU's caching allocator already hands back warm memory
+        buffer = _maps_buffer(c, stage_outputs[0])
+    else:
+        buffer = c.buffers.get(threading.get_ident())
+        if buffer is None:
+            buffer = c.buffers[threading.get_ident()] = _maps_buffer(c, stage_outputs[0])
+    for f, (first, *copies) in zip(stage_outputs, buffer.sums, strict=True):
+        torch.sum(f, dim=1, dtype=dtype, out=first)
         for place in copies:
-            maps.as_strided(*place).copy_(summed)
-    return maps
+            place.copy_(first)
+    return buffer.maps, buffer.stages
 
 
 def _unit_map_grads(
