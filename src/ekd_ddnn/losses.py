@@ -566,7 +566,7 @@ class _Objective(torch.autograd.Function):
             if grad_raw is not None:
                 extra = grad_raw * c.factors
                 coefficients = extra if coefficients is None else coefficients + extra
-            ce, kl, mse = coefficients.split((depths, students, students))
+            ce, kl, mse = coefficients.split_with_sizes((depths, students, students))
             logit_grads: Sequence[Tensor | None] = [None] * depths
             if any(needs[2 : 2 + depths]):
                 grad = _logit_grads(c, probs, soft_probs, teacher, index, ce, kl)
