@@ -220,23 +220,23 @@ class EKDLoss:
             features: K+1 lists of per-stage outputs (B, C_s, H_s, W_s), full-net first.
             targets: class indices (B,).
         """
-        evaluate = self._evaluate
         options = self.__dict__.get("_compile_options")
-        if options is not None:
-            if self.__dict__.get("_compiled") is None:
-                # a graph per (batch size, sharing pattern): more than Dynamo's default cap
-                # of 8 per function with lattice sampling; set for this function's calls only
-                patch = torch._dynamo.config.patch(recompile_limit=64)
-                self._compiled = patch(torch.compile(self._evaluate, dynamic=False, **options))
-            evaluate = self._compiled
-        return evaluate(list(logits), [list(f) for f in features], targets)
+        if options is None:
+            return self._evaluate(logits, features, targets)
+        if self.__dict__.get("_compiled") is None:
+            # a graph per (batch size, sharing pattern): more than Dynamo's default cap
+            # of 8 per function with lattice sampling; set for this function's calls only
+            patch = torch._dynamo.config.patch(recompile_limit=64)
+            self._compiled = patch(torch.compile(self._evaluate, dynamic=False, **options))
+        # lists, whatever sequences came: one graph, not one per container type
+        return self._compiled(list(logits), [list(f) for f in features], targets)
 
     def __getstate__(self) -> dict[str, Any]:
         # the compiled function is bound to this object: a copy compiles its own
         return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
 
     def _evaluate(
-        self, logits: list[Tensor], features: list[list[Tensor]], targets: Tensor
+        self, logits: Sequence[Tensor], features: Sequence[Sequence[Tensor]], targets: Tensor
     ) -> EKDTerms:
         depths, batch = len(logits), len(targets)
         if self.mode == "individual" and depths > 1:
