@@ -241,7 +241,6 @@ class EKDLoss:
         depths, batch = len(logits), len(targets)
         if self.mode == "individual" and depths > 1:
             raise ValueError(f"mode 'individual' trains one net, got {depths} outputs")
-        ce_scales = (-1.0 / batch,) * depths
         if not self.distills:
             # the depths stacked along a leading axis: a few kernels, not a few per depth
             stacked = torch.stack(logits)  # (D, B, classes)
@@ -252,7 +251,7 @@ class EKDLoss:
             log_likelihood = picked.sum(dim=(1, 2))  # -B * CE per depth
             weights = _ce_weights(depths, batch)
             total = (log_likelihood * _constant(weights, targets.device, log_probs.dtype)).sum()
-            return EKDTerms(total, log_likelihood, ce_scales, depths)
+            return EKDTerms(total, log_likelihood, (-1.0 / batch,) * depths, depths)
         spatial = tuple(f.shape[2:] for f in features[0])
         plan = _plan(sharing_pattern(features), spatial, self.ensemble, self.attention_stages)
         dtype = _accumulation(logits[0].dtype)
@@ -400,13 +399,15 @@ class _Constants:
     sum of the stage MSEs; ``stage_of_pixel`` (pixels,): each pixel's stage, to spread a
     per-stage value over its pixels.
 
-    ``scales``: ``EKDTerms.scales``; ``sums`` / ``gradients``: per input, the ``as_strided``
-    arguments of each place its channel sums lie in the joined maps / its gradient lies in
-    the students' joined maps (size, strides, offset; the latter broadcast over channels);
-    ``buffers``: on a CPU, each thread's :class:`_MapsBuffer`, by thread id.
+    ``batch``: the batch size; ``scales``: ``EKDTerms.scales``; ``sums`` / ``gradients``:
+    per input, the ``as_strided`` arguments of each place its channel sums lie in the joined
+    maps / its gradient lies in the students' joined maps (size, strides, offset; the
+    latter broadcast over channels); ``buffers``: on a CPU, each thread's
+    :class:`_MapsBuffer`, by thread id.
     """
 
     plan: _Plan
+    batch: int
     temperature: float
     dtype: torch.dtype
     map_dtype: torch.dtype
@@ -461,6 +462,7 @@ def _constants(
     factors_tensor = torch.tensor(factors, dtype=dtype, device=device)
     return _Constants(
         plan,
+        batch,
         temperature,
         dtype,
         map_dtype,
@@ -621,9 +623,8 @@ class _MapsBuffer:
 def _maps_buffer(c: _Constants, like: Tensor) -> _MapsBuffer:
     """A new :class:`_MapsBuffer` for ``c`` on ``like``'s device; never an inference tensor,
     so that one first made by an evaluation still serves training."""
-    batch = c.sums[0][0][0][0]
     with torch.inference_mode(False):
-        maps = like.new_empty((c.plan.depths * batch, c.plan.width), dtype=c.map_dtype)
+        maps = like.new_empty((c.plan.depths * c.batch, c.plan.width), dtype=c.map_dtype)
     sums = [[maps.as_strided(*view) for view in places] for places in c.sums]
     return _MapsBuffer(maps, sums, maps.split_with_sizes(c.plan.sizes, dim=-1))
 
@@ -635,8 +636,7 @@ def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> tuple[Tensor
     loss concatenates (which inductor fuses)."""
     plan, dtype = c.plan, c.map_dtype
     if torch.compiler.is_compiling():
-        batch = stage_outputs[0].shape[0]
-        sums = [f.sum(dim=1, dtype=dtype).view(batch, -1) for f in stage_outputs]
+        sums = [f.sum(dim=1, dtype=dtype).view(c.batch, -1) for f in stage_outputs]
         maps = torch.cat([torch.cat([sums[i] for i in row], dim=1) for row in plan.rows])
         return maps, maps.split_with_sizes(plan.sizes, dim=-1)
     if c.buffers is None:  # a GPU's caching allocator already hands back warm memory
