@@ -59,6 +59,9 @@ from ekd_ddnn.timing import synchronize
 Step = Callable[[Tensor, Tensor], Tensor]
 TRAIN_MODES = ("ekd", "individual", "unshared", "ddnn")
 EVAL_MODES = ("eval_shared", "eval_separate")
+# calls of each loss-only mode (after LOSS_WARMUP): a loss takes a millisecond or less at the
+# small sizes and 18 ms at the default one, so this many steady their medians for seconds
+LOSS_CALLS, LOSS_WARMUP = 200, 10
 
 
 # --------------------------------------------------------------------------- step functions
@@ -714,7 +717,7 @@ def _run(args: argparse.Namespace) -> dict:
     if args.bf16:
         loss_modes = with_autocast(loss_modes, device)
     loss_times, _ = time_interleaved(
-        loss_modes, repeats=max(20, args.repeats), warmup=2, device=device
+        loss_modes, repeats=max(LOSS_CALLS, args.repeats), warmup=LOSS_WARMUP, device=device
     )
     loss_median = {name: statistics.median(t) for name, t in loss_times.items()}
     loss_compile_seconds = {}
@@ -724,7 +727,10 @@ def _run(args: argparse.Namespace) -> dict:
             compiled_losses = with_autocast(compiled_losses, device)
         loss_compile_seconds = compile_seconds(compiled_losses, device, every=True)
         compiled_times, _ = time_interleaved(
-            compiled_losses, repeats=max(20, args.repeats), warmup=2, device=device
+            compiled_losses,
+            repeats=max(LOSS_CALLS, args.repeats),
+            warmup=LOSS_WARMUP,
+            device=device,
         )
         loss_median |= {f"{k}_compiled": statistics.median(t) for k, t in compiled_times.items()}
 
