@@ -177,6 +177,23 @@ def test_bad_checkpoints_give_clear_errors(best, tmp_path):
         f"checkpoint {later}: its network description lacks arch; use a checkpoints/*.ckpt "
         "file written by `python -m ekd_ddnn.train`"
     )
+    # a setting of the wrong type, checked against build_net's hints as a config's are
+    for key, value, wanted in [
+        ("num_classes", "ten", "an integer"),
+        ("arch", 5, "a string"),
+        ("subnets", "abc", "a list"),
+        ("channels_last", "yes", "true or false"),
+    ]:
+        message = refusal(
+            lambda c, k=key, v=value: c["hyper_parameters"]["net_config"].update({k: v})
+        )
+        assert message == (
+            f"checkpoint {later}: its network setting {key} must be {wanted}, got {value!r}"
+        )
+    message = refusal(lambda c: c["hyper_parameters"]["net_config"].update(blocks=[3, "a", 3]))
+    assert message == (
+        f"checkpoint {later}: its network setting blocks[1] must be an integer, got 'a'"
+    )
     for key, what in [
         ("net_config", "network description"),
         ("loss", "loss description"),

@@ -19,6 +19,7 @@ import torch
 
 from ekd_ddnn.errors import UserError
 from ekd_ddnn.models import DepthDynamicNet, build_net
+from ekd_ddnn.run.checks import check_types
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -107,13 +108,14 @@ def check_contents(ckpt: dict[str, Any], path: str | Path) -> None:
             f"checkpoint {path}: its network description lacks {', '.join(missing)}; use a "
             "checkpoints/*.ckpt file written by `python -m ekd_ddnn.train`"
         )
+    # the types a config's model settings are checked against, build_net's hints
+    check_types(parts["net_config"], build_net, f"checkpoint {path}: its network setting ")
 
 
 def net_from_checkpoint(ckpt: dict[str, Any], path: str | Path) -> DepthDynamicNet:
     """Rebuild the network from the checkpoint's builder arguments (of a checkpoint from
     :func:`load_checkpoint`) and load its weights."""
-    config = ckpt["hyper_parameters"]["net_config"]
-    config = dict(config)
+    config = dict(ckpt["hyper_parameters"]["net_config"])
     config.pop("weights_path", None)
     config.pop("compile", None)  # evaluation and export run eager
     net = build_net(**config)

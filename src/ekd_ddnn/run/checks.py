@@ -103,13 +103,21 @@ def check_arguments(node: DictConfig | None, key: str) -> None:
     if not isinstance(target, str):
         return
     try:
-        hints = _hints(get_method(target))
+        function = get_method(target)
     except Exception:
         return  # an unknown target fails with its own message when built
+    check_types(values, function, f"{key}.")
+
+
+def check_types(values: dict[str, Any], target: Callable, prefix: str) -> None:
+    """Every value in ``values`` (a keyword argument of ``target`` by name; ``_``-names and
+    names ``target`` does not hint are left alone) has the type ``target``'s hints declare;
+    the first that has not is refused in one line that names it after ``prefix``."""
+    hints = _hints(target)
     for name, value in values.items():
-        if name.startswith("_") or name not in hints:
+        if not isinstance(name, str) or name.startswith("_") or name not in hints:
             continue
-        found = _first_mismatch(value, hints[name], f"{key}.{name}")
+        found = _first_mismatch(value, hints[name], f"{prefix}{name}")
         if found:
             where, bad, hint = found
             raise UserError(f"{where} must be {_describe(hint)}, got {bad!r}")
