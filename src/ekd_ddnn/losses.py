@@ -621,10 +621,8 @@ class _MapsBuffer:
 
 
 def _maps_buffer(c: _Constants, like: Tensor) -> _MapsBuffer:
-    """A new :class:`_MapsBuffer` for ``c`` on ``like``'s device; never an inference tensor,
-    so that one first made by an evaluation still serves training."""
-    with torch.inference_mode(False):
-        maps = like.new_empty((c.plan.depths * c.batch, c.plan.width), dtype=c.map_dtype)
+    """A new :class:`_MapsBuffer` for ``c`` on ``like``'s device."""
+    maps = like.new_empty((c.plan.depths * c.batch, c.plan.width), dtype=c.map_dtype)
     sums = [[maps.as_strided(*view) for view in places] for places in c.sums]
     return _MapsBuffer(maps, sums, maps.split_with_sizes(c.plan.sizes, dim=-1))
 
@@ -643,8 +641,9 @@ def _joined_maps(c: _Constants, stage_outputs: Sequence[Tensor]) -> tuple[Tensor
         buffer = _maps_buffer(c, stage_outputs[0])
     else:
         buffer = c.buffers.get(threading.get_ident())
-        if buffer is None:
-            buffer = c.buffers[threading.get_ident()] = _maps_buffer(c, stage_outputs[0])
+        if buffer is None:  # kept: never an inference tensor, though an evaluation made it
+            with torch.inference_mode(False):
+                buffer = c.buffers[threading.get_ident()] = _maps_buffer(c, stage_outputs[0])
     for f, (first, *copies) in zip(stage_outputs, buffer.sums, strict=True):
         torch.sum(f, dim=1, dtype=dtype, out=first)
         for place in copies:
